@@ -1,0 +1,3 @@
+from mgrit_gru.cli import main
+
+raise SystemExit(main())
