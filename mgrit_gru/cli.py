@@ -1,0 +1,174 @@
+"""The command line: ``mgrit-gru train|datasets|info`` (also ``python -m mgrit_gru``).
+
+Every :class:`~mgrit_gru.config.TrainConfig` option is a ``train`` flag
+(``batch_size`` -> ``--batch-size``), built from the dataclass fields so that
+the two never drift apart. Options merge as defaults < ``--config FILE.toml``
+< flags. Bad input ends with ``mgrit-gru: error: <message>`` on stderr and
+exit code 2, without a traceback; under MPI any exception on any rank ends
+the whole job (:func:`~mgrit_gru.comm.abort_on_exception`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from mgrit_gru.config import TrainConfig, flag, load_config, make_config
+from mgrit_gru.errors import InputError
+
+PROG = "mgrit-gru"
+
+_LAUNCHER_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the MPI launcher announces it (0 without one);
+    read from the environment so that messages before MPI starts are printed
+    once per job, not once per rank."""
+    for var in _LAUNCHER_RANK_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _error(message: str) -> int:
+    """Print ``mgrit-gru: error: <message>`` (first line only) on rank 0; return 2."""
+    if _launcher_rank() == 0:
+        line = str(message).strip().splitlines()[0] if str(message).strip() else "error"
+        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``mgrit-gru: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(f"{message} (see '{self.prog} --help')")
+        raise SystemExit(2)
+
+
+_TYPES = {"int": int, "float": float, "str": str, "relax": str}
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    """One flag for one TrainConfig field (defaults stay out of the namespace
+    so that only given flags override the TOML file)."""
+    meta = f.metadata
+    help_text = meta["help"]
+    if meta["choices"]:
+        help_text += f" ({'|'.join(meta['choices'])})"
+    if f.default is not None:
+        help_text += f"; default {f.default}"
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if meta["kind"] == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = _TYPES[meta["kind"]]
+        kwargs["metavar"] = f.name.upper()
+    group.add_argument(flag(f.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mgrit-gru`` parser with its ``train``, ``datasets`` and ``info`` commands."""
+    parser = _Parser(prog=PROG, description="Parallel-in-time (MGRIT) training of "
+                     "recurrent sequence classifiers on MPI.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_Parser)
+    train = commands.add_parser("train", help="train a sequence classifier",
+                                description="Train a sequence classifier; options merge as "
+                                "defaults < --config FILE.toml < flags (see docs/usage.md).")
+    train.add_argument("--config", metavar="FILE.toml", help="TOML file of options")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from "
+                       "its checkpoint (its config.toml is the base of the options)")
+    options = train.add_argument_group("training options")
+    for f in dataclasses.fields(TrainConfig):
+        _add_option(options, f)
+    commands.add_parser("datasets", help="list the built-in data sets")
+    info = commands.add_parser("info", help="print the final metrics of a run")
+    info.add_argument("run_dir", metavar="RUN_DIR")
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < resumed run's config.toml < --config < flags."""
+    sources = []
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if hasattr(args, f.name)}
+    if args.resume:
+        run_config = Path(args.resume) / "config.toml"
+        if not run_config.is_file():
+            raise InputError(f"--resume {args.resume}: no config.toml in this folder")
+        sources.append(load_config(run_config))
+        if "out" in flags and Path(flags["out"]) != Path(args.resume):
+            raise InputError(f"--out {flags['out']}: differs from --resume {args.resume}")
+        flags["out"] = args.resume
+    if args.config:
+        sources.append(load_config(args.config))
+    sources.append(flags)
+    return make_config(*sources)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args)
+    # Imported here: torch and MPI start only for commands that need them.
+    from mgrit_gru.comm import Comm, abort_on_exception
+    from mgrit_gru.train import train
+
+    comm = Comm.world()
+    with abort_on_exception(comm, prog=PROG):
+        train(config, comm, resume=bool(args.resume))
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from mgrit_gru.data import builtin_datasets, load_dataset
+    from mgrit_gru.train import DEFAULT_DATA
+
+    print(f"{'name':<28} {'train':>6} {'test':>6} {'T':>6} {'d':>4} {'classes':>7}")
+    for name in builtin_datasets():
+        ds = load_dataset(name)
+        mark = "  (default)" if name == DEFAULT_DATA else ""
+        print(f"{name:<28} {len(ds.train):>6} {len(ds.test):>6} {ds.seq_len:>6} "
+              f"{ds.input_size:>4} {ds.num_classes:>7}{mark}")
+    print("synthetic:LEN                (generated: the long-memory pulse task of length LEN)")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.run_dir) / "metrics.json"
+    try:
+        with open(path) as fh:
+            metrics = json.load(fh)
+        final = metrics["final"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (is {args.run_dir} a run folder?)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: unreadable metrics ({type(e).__name__})") from None
+    config = metrics.get("config", {})
+    print(f"run {args.run_dir}: data {config.get('data')}, cell {config.get('cell')}, "
+          f"propagator {config.get('propagator')}, {len(metrics.get('epochs', []))} epochs")
+    for key, value in final.items():
+        print(f"  {key:<14} {value:.6g}" if isinstance(value, float) else f"  {key:<14} {value}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "datasets": _cmd_datasets, "info": _cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    try:
+        return _COMMANDS[args.command](args)
+    except InputError as e:  # one process: the guard let it through
+        return _error(str(e))

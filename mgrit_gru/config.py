@@ -1,0 +1,255 @@
+"""Training configuration: one frozen dataclass, loaded from defaults < TOML < CLI.
+
+Every option is a field of :class:`TrainConfig`. Each field carries its help
+text and, for choices, the allowed values in its metadata; the CLI builds its
+flags from these fields, so a new option needs to be added only here.
+
+A TOML config file is a flat table whose keys are the field names::
+
+    data = "default"
+    cell = "implicit-gru"
+    hidden = 32
+    propagator = "mgrit"
+    relax = ["FCF", "F"]      # or one string for every level
+
+Values are validated in ``TrainConfig.__post_init__``; a bad value raises
+:class:`~mgrit_gru.errors.InputError` naming the option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from mgrit_gru.errors import InputError
+
+CELLS = ("implicit-gru", "gru", "lstm", "rnn")
+POOLINGS = ("last", "mean")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("float32", "float64")
+PROPAGATORS = ("serial", "autograd", "mgrit")
+RELAXATIONS = ("F", "FCF")
+CYCLES = ("V", "F")
+STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
+PROGRESS = ("auto", "on", "off")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         kind: str | None = None):
+    """A dataclass field with its CLI help text, choices and value kind.
+
+    ``kind`` is one of ``int``, ``float``, ``str``, ``bool``, ``relax``; it
+    defaults to the type of ``default`` (it must be given when the default is
+    ``None``).
+    """
+    if kind is None:
+        kind = type(default).__name__
+    return field(default=default,
+                 metadata={"help": help, "choices": choices, "kind": kind})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run (see docs/usage.md).
+
+    ``None`` for ``out``, ``threads`` and ``time_ranks`` means "decided at run
+    time" (see :func:`mgrit_gru.train.resolve_config`); ``None`` for
+    ``max_train``, ``max_test`` and ``max_len`` means "no limit".
+    """
+
+    # data and model
+    data: str = _opt("default", "data set: 'default', a built-in name (see "
+                     "'mgrit-gru datasets') or a path to an HDF5 file")
+    cell: str = _opt("implicit-gru", "recurrent cell", choices=CELLS)
+    hidden: int = _opt(32, "hidden size")
+    pooling: str = _opt("last", "features fed to the classifier head: the "
+                        "last hidden state or the mean over time",
+                        choices=POOLINGS)
+    dtype: str = _opt("float32", "floating-point type of the model and data",
+                      choices=DTYPES)
+    max_train: int | None = _opt(None, "use at most this many training "
+                                 "sequences", kind="int")
+    max_test: int | None = _opt(None, "use at most this many test sequences",
+                                kind="int")
+    max_len: int | None = _opt(None, "cut sequences to at most this many time "
+                               "steps", kind="int")
+    # optimisation
+    epochs: int = _opt(10, "number of epochs")
+    batch_size: int = _opt(32, "minibatch size (global, over all data groups)")
+    lr: float = _opt(0.01, "learning rate")
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
+    seed: int = _opt(0, "random seed (initial weights and shuffling)")
+    # parallelism
+    propagator: str = _opt("serial", "how the recurrence is solved: serial "
+                           "(hand-written backward), autograd (plain BPTT) "
+                           "or mgrit (parallel in time)", choices=PROPAGATORS)
+    time_ranks: int | None = _opt(None, "MPI ranks per time group (default: all "
+                                  "ranks for mgrit, else 1); the remaining "
+                                  "factor forms data groups", kind="int")
+    strategy: str = _opt("sequential", "data-parallel strategy inside a rank",
+                         choices=STRATEGIES)
+    workers: int = _opt(1, "workers (K) of the data-parallel strategy")
+    threads: int | None = _opt(None, "torch threads per rank (default: cores "
+                               "of the node // ranks on the node, at least 1)",
+                               kind="int")
+    # MGRIT
+    levels: int = _opt(3, "MGRIT levels")
+    cfactor: int = _opt(4, "MGRIT coarsening factor")
+    fwd_iters: int = _opt(2, "MGRIT iterations of the forward solve")
+    bwd_iters: int = _opt(1, "MGRIT iterations of the backward (adjoint) solve")
+    fwd_tol: float = _opt(0.0, "forward residual tolerance (0: run exactly "
+                          "fwd_iters iterations)")
+    bwd_tol: float = _opt(0.0, "backward residual tolerance (0: run exactly "
+                          "bwd_iters iterations)")
+    relax: str | tuple[str, ...] = _opt("FCF", "relaxation: F or FCF, or a "
+                                        "comma-separated list with one entry "
+                                        "per level", kind="relax")
+    cycle: str = _opt("V", "MGRIT cycle", choices=CYCLES)
+    skip_first_relax: bool = _opt(False, "skip the relaxation on the first "
+                                  "down-cycle of each solve")
+    # output
+    out: str | None = _opt(None, "run folder (default: runs/<timestamp>-<cell>)",
+                           kind="str")
+    eval_every: int = _opt(1, "evaluate on the test set every N epochs (and "
+                           "after the last)")
+    checkpoint_every: int = _opt(1, "write checkpoint.pt every N epochs (and "
+                                 "after the last)")
+    progress: str = _opt("auto", "progress bar over batches (auto: when stderr "
+                         "is a terminal)", choices=PROGRESS)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _check(f, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        if isinstance(self.relax, tuple) and len(self.relax) != self.levels:
+            raise InputError(
+                f"option relax: {len(self.relax)} entries given for "
+                f"levels = {self.levels} (give one per level, or one string)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain TOML/JSON-able values (``None`` left out,
+        tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_POSITIVE = {"hidden", "epochs", "batch_size", "workers", "threads", "levels",
+             "time_ranks", "max_train", "max_test", "max_len", "eval_every",
+             "checkpoint_every", "fwd_iters", "bwd_iters"}
+
+
+def flag(name: str) -> str:
+    """The CLI flag of an option: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _check(f: dataclasses.Field, value: Any) -> Any:
+    """Validate (and normalise) one option value; InputError naming it."""
+    name, meta = f.name, f.metadata
+    kind, choices = meta["kind"], meta["choices"]
+    where = f"option {name} ({flag(name)})"
+    if value is None:
+        if f.default is None:
+            return None
+        raise InputError(f"{where}: a value is required")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: expected an integer, got {value!r}")
+        if name in _POSITIVE and value < 1:
+            raise InputError(f"{where}: must be at least 1, got {value}")
+        if name == "seed" and value < 0:
+            raise InputError(f"{where}: must be >= 0, got {value}")
+        if name == "cfactor" and value < 2:
+            raise InputError(f"{where}: must be at least 2, got {value}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise InputError(f"{where}: must be finite, got {value}")
+        if name == "lr" and value <= 0:
+            raise InputError(f"{where}: must be > 0, got {value}")
+        if value < 0:
+            raise InputError(f"{where}: must be >= 0, got {value}")
+        return value
+    if kind == "relax":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or not all(
+                isinstance(v, str) for v in items):
+            raise InputError(f"{where}: expected F, FCF or a list of them, "
+                             f"got {value!r}")
+        items = tuple(v.strip().upper() for v in items)
+        bad = [v for v in items if v not in RELAXATIONS]
+        if bad:
+            raise InputError(f"{where}: unknown relaxation {bad[0]!r} "
+                             f"(choose from {', '.join(RELAXATIONS)})")
+        return items[0] if len(items) == 1 else items
+    # str
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{where}: expected a non-empty string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise InputError(f"{where}: unknown value {value!r} "
+                         f"(choose from {', '.join(choices)})")
+    return value
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def load_config(toml_path: str | Path) -> dict[str, Any]:
+    """Read a flat TOML config file into a dict of options.
+
+    Unreadable files, unknown keys and bad values raise InputError naming the
+    file and the key (checks across options happen when the
+    :class:`TrainConfig` is built).
+    """
+    path = Path(toml_path)
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"config file {path}: not found") from None
+    except OSError as e:
+        raise InputError(f"config file {path}: cannot read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"config file {path}: invalid TOML ({e})") from None
+    unknown = sorted(set(table) - set(OPTION_NAMES))
+    if unknown:
+        raise InputError(f"config file {path}: unknown key {unknown[0]!r} "
+                         f"(see docs/usage.md for the options)")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    try:
+        return {name: _check(fields[name], value) for name, value in table.items()}
+    except InputError as e:
+        raise InputError(f"config file {path}: {e}") from None
+
+
+def make_config(*sources: Mapping[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from defaults overridden by ``sources`` in order
+    (e.g. ``make_config(load_config(path), cli_options)``)."""
+    merged: dict[str, Any] = {}
+    for source in sources:
+        unknown = sorted(set(source) - set(OPTION_NAMES))
+        if unknown:
+            raise InputError(f"unknown option {unknown[0]!r}")
+        merged.update(source)
+    return TrainConfig(**merged)

@@ -1,0 +1,507 @@
+"""The training loop, its metrics and the run folder.
+
+:func:`train` runs one training job on a communicator of ``P`` ranks split into
+a ``time_ranks x (P // time_ranks)`` grid (:meth:`Comm.split_grid`):
+
+* ranks of one *time group* share every minibatch; with ``propagator =
+  mgrit`` each owns a chunk of time points and MGRIT solves the recurrence
+  across them, otherwise ``time_ranks`` is 1;
+* *data groups* split each global minibatch into contiguous shards and
+  average their gradients (one allreduce per step, weighted by shard size, so
+  the update equals the one of the whole minibatch on one rank).
+
+Parameters are identical on every rank; a checksum (sum and sum of squares of
+all parameters, gathered from every rank) proves it after every epoch.
+
+Rank 0 prints one summary line per epoch and writes the run folder:
+``config.toml`` (the resolved options), ``log.txt`` (the printed lines),
+``metrics.json`` and ``checkpoint.pt`` (both replaced atomically after every
+epoch, so an interrupted run never leaves a corrupted file). The layout of
+``metrics.json`` is documented in docs/usage.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tomli_w
+from tqdm import tqdm
+
+import mgrit_gru
+from mgrit_gru.comm import Comm
+from mgrit_gru.config import TrainConfig, flag
+from mgrit_gru.data import Dataset, Split, batch_indices, load_dataset
+from mgrit_gru.errors import InputError
+from mgrit_gru.strategies import make_strategy
+
+#: The built-in data set that ``data = "default"`` stands for.
+DEFAULT_DATA = "synthetic:64"
+
+#: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
+MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
+
+_RUN_FILES = ("config.toml", "metrics.json", "checkpoint.pt", "log.txt")
+
+
+# --------------------------------------------------------------------------- #
+# metrics
+# --------------------------------------------------------------------------- #
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``C[i, j]`` = number of samples of class ``i`` predicted as class ``j``."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro (unweighted per-class mean) precision, recall and F1.
+
+    Precision of class ``i`` is ``tp / (tp + fp)``, recall ``tp / (tp + fn)``;
+    a class never predicted has precision 0 and a class absent from the labels
+    has recall 0 (both still count in the mean over all classes). F1 is the
+    harmonic mean of the macro precision and the macro recall (the
+    "F-measure" of the data-parallel reference paper), 0 when both are 0.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    predicted = cm.sum(axis=0)
+    actual = cm.sum(axis=1)
+    total = cm.sum()
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0).mean()
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0).mean()
+    pr = precision + recall
+    f1 = 2.0 * precision * recall / pr if pr > 0 else 0.0
+    return {"accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+            "precision": float(precision), "recall": float(recall), "f1": float(f1)}
+
+
+def param_checksum(model: torch.nn.Module) -> tuple[float, float]:
+    """Sum and sum of squares of all parameters (in float64)."""
+    with torch.no_grad():
+        s = sum(float(p.double().sum()) for p in model.parameters())
+        sq = sum(float(p.double().square().sum()) for p in model.parameters())
+    return s, sq
+
+
+def check_replicas(model: torch.nn.Module, comm: Comm) -> tuple[float, float]:
+    """Raise ``RuntimeError`` on every rank unless all ranks hold the same
+    parameters (compared through :func:`param_checksum`); return the checksum."""
+    checksum = param_checksum(model)
+    gathered = comm.allgather_object(checksum)
+    bad = [r for r, c in enumerate(gathered) if c != gathered[0]]
+    if bad:
+        raise RuntimeError(f"parameters differ across ranks: checksum (sum, sum of squares) "
+                           f"{gathered[bad[0]]} on rank {bad[0]} vs {gathered[0]} on rank 0")
+    return checksum
+
+
+# --------------------------------------------------------------------------- #
+# configuration resolved at run time
+# --------------------------------------------------------------------------- #
+def default_threads(comm: Comm) -> int:
+    """Cores of this node divided by the ranks of ``comm`` on this node (at
+    least 1, at most the cores this process may run on)."""
+    host = socket.gethostname()
+    local = sum(h == host for h in comm.allgather_object(host))
+    cores = os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        allowed = cores
+    return max(1, min(allowed, cores // local))
+
+
+def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
+    """Fill in the options left to run time (``out``, ``threads``,
+    ``time_ranks``) and check the options against the communicator.
+
+    The run folder is rank 0's choice, broadcast to every rank.
+    """
+    changes: dict[str, Any] = {}
+    out = config.out
+    if out is None and comm.is_root:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = f"runs/{stamp}-{config.cell}"
+        n = 2
+        while Path(out).exists():
+            out = f"runs/{stamp}-{config.cell}-{n}"
+            n += 1
+    changes["out"] = comm.bcast_object(out)
+    if config.threads is None:
+        changes["threads"] = default_threads(comm)
+    time_ranks = config.time_ranks
+    if time_ranks is None:
+        time_ranks = comm.size if config.propagator == "mgrit" else 1
+    changes["time_ranks"] = time_ranks
+    if comm.size % time_ranks:
+        raise InputError(f"option time_ranks ({flag('time_ranks')}): {time_ranks} does not "
+                         f"divide the {comm.size} MPI ranks")
+    if time_ranks > 1 and config.propagator != "mgrit":
+        raise InputError(f"option time_ranks ({flag('time_ranks')}): {time_ranks} time ranks "
+                         f"need propagator = mgrit (got {config.propagator})")
+    return dataclasses.replace(config, **changes)
+
+
+# --------------------------------------------------------------------------- #
+# model pieces
+# --------------------------------------------------------------------------- #
+def make_propagator(config: TrainConfig, time_comm: Comm):
+    """The propagator named by ``config.propagator``."""
+    from mgrit_gru.model import AutogradPropagator, SerialPropagator
+
+    if config.propagator == "serial":
+        return SerialPropagator()
+    if config.propagator == "autograd":
+        return AutogradPropagator()
+    from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
+
+    options = MGRITOptions(levels=config.levels, cfactor=config.cfactor,
+                           fwd_iters=config.fwd_iters, bwd_iters=config.bwd_iters,
+                           fwd_tol=config.fwd_tol, bwd_tol=config.bwd_tol,
+                           relax=config.relax, skip_first_relax=config.skip_first_relax,
+                           cycle=config.cycle)
+    return MGRITPropagator(time_comm, options)
+
+
+def build_model(config: TrainConfig, dataset: Dataset, time_comm: Comm | None = None):
+    """The run's :class:`SequenceClassifier`, its weights drawn from ``config.seed``
+    (the same on every rank)."""
+    from mgrit_gru.model import SequenceClassifier
+
+    torch.manual_seed(config.seed)
+    return SequenceClassifier(cell=config.cell, input_size=dataset.input_size,
+                              hidden_size=config.hidden, num_classes=dataset.num_classes,
+                              pooling=config.pooling,
+                              propagator=make_propagator(config, time_comm or Comm.serial()),
+                              dtype=getattr(torch, config.dtype))
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD or Adam over the model's parameters with ``config.lr``."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+class _TensorSplit:
+    """A data split as torch tensors of the run's dtype (converted once)."""
+
+    def __init__(self, split: Split, dtype: torch.dtype):
+        self.x = torch.from_numpy(np.ascontiguousarray(split.x)).to(dtype)
+        self.y = torch.from_numpy(np.ascontiguousarray(split.y))
+        self.lengths = None if split.lengths is None else torch.from_numpy(
+            np.ascontiguousarray(split.lengths))
+        self.n = len(split)
+
+    def take(self, idx: np.ndarray | slice):
+        """``(x, y, lengths)`` of the samples ``idx``."""
+        if isinstance(idx, np.ndarray):
+            idx = torch.from_numpy(idx)
+        lengths = None if self.lengths is None else self.lengths[idx]
+        return self.x[idx], self.y[idx], lengths
+
+
+def _shard(n: int, parts: int, index: int) -> slice:
+    """The ``index``-th of ``parts`` contiguous, balanced pieces of ``range(n)``."""
+    return slice(index * n // parts, (index + 1) * n // parts)
+
+
+class _Stepper:
+    """The ``step_fn`` of the strategies: forward, backward and the gradient
+    average over data groups for one global minibatch (an index array).
+
+    The gradients and the loss of all data groups travel in one preallocated
+    buffer (one allreduce per step).
+    """
+
+    def __init__(self, data: _TensorSplit, model: torch.nn.Module, data_comm: Comm):
+        self.data = data
+        self.comm = data_comm
+        self.stats = {k: 0.0 for k in MGRIT_STATS}
+        self.steps = 0
+        n = sum(p.numel() for p in model.parameters())
+        dtype = next(model.parameters()).dtype
+        self.buffer = torch.zeros(n + 1, dtype=dtype) if data_comm.size > 1 else None
+
+    def reset_stats(self) -> None:
+        self.stats = dict.fromkeys(self.stats, 0.0)
+        self.steps = 0
+
+    def mean_stats(self) -> dict[str, float]:
+        return {k: v / self.steps for k, v in self.stats.items()} if self.steps else {}
+
+    def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
+        params = list(model.parameters())
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        part = idx[_shard(len(idx), self.comm.size, self.comm.rank)]
+        loss = 0.0
+        if len(part):
+            x, y, lengths = self.data.take(part)
+            batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
+            weight = len(part) / len(idx)
+            (batch_loss * weight if weight != 1.0 else batch_loss).backward()
+            loss = float(batch_loss.detach()) * weight
+            stats = getattr(model.propagator, "last_stats", None)
+            if stats:
+                for k in MGRIT_STATS:
+                    self.stats[k] += float(stats[k])
+        self.steps += 1
+        if self.buffer is None:
+            return loss
+        buf, offset = self.buffer, 0
+        for p in params:
+            n = p.numel()
+            if p.grad is None:
+                buf[offset:offset + n].zero_()
+            else:
+                buf[offset:offset + n].copy_(p.grad.reshape(-1))
+            offset += n
+        buf[offset] = loss
+        self.comm.allreduce_(buf)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            if p.grad is None:
+                p.grad = buf[offset:offset + n].view_as(p).clone()
+            else:
+                p.grad.view(-1).copy_(buf[offset:offset + n])
+            offset += n
+        return float(buf[offset])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
+             batch_size: int, data_comm: Comm) -> dict[str, float]:
+    """Mean cross-entropy and classification metrics on a split; each data
+    group evaluates a contiguous shard and the results are summed."""
+    model.eval()
+    mine = _shard(data.n, data_comm.size, data_comm.rank)
+    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.float64)
+    for start in range(mine.start, mine.stop, batch_size):
+        x, y, lengths = data.take(slice(start, min(start + batch_size, mine.stop)))
+        logits = model(x, lengths)
+        counts[-1] += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        counts[:-1] += torch.bincount(y * num_classes + logits.argmax(dim=1),
+                                      minlength=num_classes * num_classes)
+    model.train()
+    data_comm.allreduce_(counts)
+    confusion = counts[:-1].numpy().reshape(num_classes, num_classes)
+    metrics = classification_metrics(confusion)
+    return {"test_loss": float(counts[-1]) / data.n, "test_accuracy": metrics["accuracy"],
+            "test_precision": metrics["precision"], "test_recall": metrics["recall"],
+            "test_f1": metrics["f1"]}
+
+
+# --------------------------------------------------------------------------- #
+# the run folder (rank 0 only)
+# --------------------------------------------------------------------------- #
+def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` through ``write(file_object)`` into a temporary file in the
+    same folder, flushed to disk, then renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """The files of one run; every method is a no-op except on rank 0."""
+
+    def __init__(self, path: str, comm: Comm, *, resume: bool):
+        self.path = Path(path)
+        self.active = comm.is_root
+        error = None
+        if self.active:
+            error = self._prepare(resume)
+        error = comm.bcast_object(error)
+        if error:
+            raise InputError(error)
+
+    def _prepare(self, resume: bool) -> str | None:
+        """Create (or check, on resume) the folder; an error message or None."""
+        where = f"run folder {self.path}"
+        if resume:
+            if not (self.path / "checkpoint.pt").is_file():
+                return f"{where}: no checkpoint.pt to resume from"
+            return None
+        if self.path.exists() and not self.path.is_dir():
+            return f"{where}: exists and is not a folder"
+        if any((self.path / f).exists() for f in _RUN_FILES):
+            return f"{where}: already holds a run (resume it with --resume, or choose another --out)"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"{where}: cannot create ({e.strerror})"
+        return None
+
+    def write_config(self, config: TrainConfig) -> None:
+        if self.active:
+            _atomic_write(self.path / "config.toml",
+                          lambda fh: tomli_w.dump(config.to_dict(), fh))
+
+    def write_metrics(self, metrics: dict) -> None:
+        if self.active:
+            _atomic_write(self.path / "metrics.json",
+                          lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
+
+    def write_checkpoint(self, state: dict) -> None:
+        if self.active:
+            _atomic_write(self.path / "checkpoint.pt", lambda fh: torch.save(state, fh))
+
+    def log(self, line: str) -> None:
+        """Print ``line`` and append it to log.txt."""
+        if self.active:
+            print(line, flush=True)
+            with open(self.path / "log.txt", "a") as fh:
+                fh.write(line + "\n")
+
+
+def _load_checkpoint(folder: Path, comm: Comm) -> dict:
+    """Rank 0 reads checkpoint.pt and metrics.json of a run; every rank gets them."""
+    state = error = None
+    if comm.is_root:
+        try:
+            state = torch.load(folder / "checkpoint.pt", weights_only=True)
+            with open(folder / "metrics.json") as fh:
+                state["history"] = json.load(fh)["epochs"]
+        except Exception as e:  # noqa: BLE001 - any failure is a bad run folder
+            error = f"run folder {folder}: cannot resume ({type(e).__name__}: {e})".splitlines()[0]
+    state, error = comm.bcast_object((state, error))
+    if error:
+        raise InputError(error)
+    return state
+
+
+# --------------------------------------------------------------------------- #
+# the loop
+# --------------------------------------------------------------------------- #
+def _summary(epoch: int, epochs: int, record: dict) -> str:
+    """``epoch 3/10 | train_loss 0.512 | test_loss 0.498 | acc 0.812 | f1 0.80 | 12.3 s``."""
+    def num(key: str, fmt: str) -> str:
+        value = record.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    line = (f"epoch {epoch}/{epochs} | train_loss {num('train_loss', '.3f')} | "
+            f"test_loss {num('test_loss', '.3f')} | acc {num('test_accuracy', '.3f')} | "
+            f"f1 {num('test_f1', '.2f')} | {record['seconds']:.1f} s")
+    if "fwd_iters" in record:
+        line += (f" | mgrit fwd {record['fwd_iters']:.1f} it res {record['fwd_residual']:.1e}"
+                 f" | bwd {record['bwd_iters']:.1f} it res {record['bwd_residual']:.1e}")
+    return line
+
+
+def _show_progress(config: TrainConfig, comm: Comm) -> bool:
+    if not comm.is_root or config.progress == "off":
+        return False
+    return config.progress == "on" or sys.stderr.isatty()
+
+
+def _final(epochs: list[dict]) -> dict:
+    final = dict(epochs[-1])
+    final["train_seconds"] = sum(e["seconds"] for e in epochs)
+    return final
+
+
+def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False) -> dict:
+    """Train as ``config`` says; return the metrics (the content of metrics.json).
+
+    ``comm`` defaults to all MPI ranks. With ``resume``, the run in
+    ``config.out`` continues from its checkpoint up to ``config.epochs``.
+    Bad options or data raise :class:`InputError` (on every rank).
+    """
+    comm = Comm.world() if comm is None else comm
+    config = resolve_config(config, comm)
+    torch.set_num_threads(config.threads)
+    time_comm, data_comm = comm.split_grid(config.time_ranks)
+    data_name = DEFAULT_DATA if config.data == "default" else config.data
+    dataset: Dataset = load_dataset(data_name, max_train=config.max_train,
+                                    max_test=config.max_test, max_len=config.max_len)
+    dtype = getattr(torch, config.dtype)
+    train_data = _TensorSplit(dataset.train, dtype)
+    test_data = _TensorSplit(dataset.test, dtype)
+
+    model = build_model(config, dataset, time_comm)
+    optimizer = make_optimizer(config, model)
+    run = RunFolder(config.out, comm, resume=resume)
+    history: list[dict] = []
+    start = 1
+    if resume:
+        state = _load_checkpoint(run.path, comm)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise InputError(f"run folder {run.path}: checkpoint does not fit the options "
+                             f"({str(e).splitlines()[0]})") from None
+        start = int(state["epoch"]) + 1
+        history = [e for e in state["history"] if e["epoch"] < start]
+    check_replicas(model, comm)
+
+    environment = {"torch": torch.__version__, "python": platform.python_version(),
+                   "mgrit_gru": mgrit_gru.__version__, "hostname": socket.gethostname(),
+                   "ranks": comm.size, "time_ranks": config.time_ranks,
+                   "data_groups": data_comm.size, "threads": config.threads}
+    run.write_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.log(f"mgrit-gru train | data {dataset.name}: {train_data.n} train / {test_data.n} test, "
+            f"T {dataset.seq_len}, d {dataset.input_size}, {dataset.num_classes} classes | "
+            f"{config.cell} H {config.hidden}, {n_params} parameters | {config.propagator} | "
+            f"ranks {comm.size} = {config.time_ranks} time x {data_comm.size} data | "
+            f"threads {config.threads} | run folder {run.path}")
+    if resume:
+        run.log(f"resuming after epoch {start - 1}")
+
+    stepper = _Stepper(train_data, model, data_comm)
+    show_progress = _show_progress(config, comm)
+    metrics: dict[str, Any] = {"config": config.to_dict(), "epochs": history,
+                               "final": _final(history) if history else {},
+                               "environment": environment}
+    with make_strategy(config.strategy, config.workers) as strategy:
+        for epoch in range(start, config.epochs + 1):
+            order = np.random.default_rng([config.seed, epoch])
+            batches = batch_indices(train_data.n, config.batch_size, shuffle=True,
+                                    generator=order)
+            n_batches = math.ceil(train_data.n / config.batch_size)
+            stepper.reset_stats()
+            tic = time.perf_counter()
+            with tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{config.epochs}",
+                      unit="batch", leave=False, disable=not show_progress) as bar:
+                result = strategy.run_epoch(model, optimizer, bar, stepper)
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": result["train_loss"],
+                                      "seconds": time.perf_counter() - tic}
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                tic = time.perf_counter()
+                record.update(evaluate(model, test_data, dataset.num_classes,
+                                       config.batch_size, data_comm))
+                record["eval_seconds"] = time.perf_counter() - tic
+            else:
+                record.update(dict.fromkeys(("test_loss", "test_accuracy", "test_precision",
+                                             "test_recall", "test_f1", "eval_seconds")))
+            if config.propagator == "mgrit":
+                record.update(stepper.mean_stats())
+            check_replicas(model, comm)
+            history.append(record)
+            metrics["final"] = _final(history)
+            run.log(_summary(epoch, config.epochs, record))
+            run.write_metrics(metrics)
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                run.write_checkpoint({"model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(),
+                                      "epoch": epoch, "config": config.to_dict()})
+    return metrics
