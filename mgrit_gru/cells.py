@@ -1,0 +1,453 @@
+"""Recurrent cells: the only module that knows cell equations.
+
+Four cells share torch's parameter layout (``weight_ih [G*H, D]``,
+``weight_hh [G*H, H]``, ``bias_ih [G*H]``, ``bias_hh [G*H]``, uniform
+initialisation in ``(-1/sqrt(H), 1/sqrt(H))``; gate order r, z, n for the GRUs
+and i, f, g, o for the LSTM), so state dicts load both ways with
+``torch.nn.GRUCell`` / ``LSTMCell`` / ``RNNCell``:
+
+* :class:`ImplicitGRUCell` -- backward Euler step of the GRU ODE
+  ``h' = (1 - z) (n - h)``: with ``a = dt (1 - z)``,
+  ``h_new = (h + a n) / (1 + a)``, stable for every ``dt > 0``;
+* :class:`GRUCell` -- classic GRU, ``h_new = z h + (1 - z) n``;
+* :class:`LSTMCell` -- classic LSTM, state ``s = [h | c]``;
+* :class:`RNNCell` -- Elman cell with tanh.
+
+Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
+``cell(x, (h, c))``) every cell exposes the functional API of
+``docs/interfaces.md`` on one state tensor ``s [..., S]``:
+
+``input_projection(x)``
+    ``xw = x W_ih^T + b_ih`` for any leading dims (one matmul per sequence).
+``step(xw_t, s, dt=1.0)``
+    one step, no autograd, fused in-place kernels on fresh buffers.
+``forward_state(xw_t, s, dt=1.0)``
+    the same step written with plain differentiable torch ops (autograd
+    reference; used by :class:`mgrit_gru.model.AutogradPropagator`).
+``linearize(xw, s_prev, dt=1.0) -> lin``
+    coefficient tensors of the step's Jacobian, for any leading dims at once.
+``vjp_state(lin, g)``
+    ``dL/ds_prev`` from ``g = dL/ds_new``: a few elementwise ops and one
+    matmul, so that it can be applied many times to the same ``lin``.
+``vjp_proj(lin, g) -> (g_xw, g_hw)``
+    gradients with respect to ``xw`` and ``hw = h W_hh^T + b_hh``.
+``param_grads(x, s_prev, g_xw, g_hw)``
+    parameter gradients summed over all leading dims with single matmuls.
+
+``lin`` is a tuple of tensors that all carry the leading dims of the call;
+:func:`select_lin` indexes it (e.g. one time step of a whole-sequence ``lin``).
+``dt`` may be a float or a tensor broadcastable to the state; explicit cells
+accept and ignore it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mgrit_gru.errors import InputError
+
+__all__ = [
+    "CELLS",
+    "GRUCell",
+    "ImplicitGRUCell",
+    "LSTMCell",
+    "RNNCell",
+    "RecurrentCell",
+    "make_cell",
+    "select_lin",
+]
+
+Lin = tuple[Tensor, ...]
+Dt = float | Tensor
+
+
+def select_lin(lin: Lin, index) -> Lin:
+    """Index every tensor of ``lin`` along its leading dims (``lin[t]``)."""
+    return tuple(part[index] for part in lin)
+
+
+def _positive_int(value, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{option}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _mm_add(base: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """``base + a @ w`` in one GEMM for any leading dims (``base`` contiguous)."""
+    if a.dim() == 2:
+        return torch.addmm(base, a, w)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), a.reshape(-1, a.shape[-1]), w)
+    return out.view(base.shape)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """Merge the leading dims: ``[..., k] -> [N, k]`` (a view when possible)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+class RecurrentCell(nn.Module):
+    """Parameters, projections and parameter gradients shared by all cells.
+
+    Subclasses set ``gates`` and ``state_factor`` (state size / hidden size)
+    and implement ``step``, ``forward_state``, ``linearize``, ``vjp_state`` and
+    ``vjp_proj``.
+    """
+
+    gates: int = 1
+    state_factor: int = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.input_size = _positive_int(input_size, "input_size")
+        self.hidden_size = _positive_int(hidden_size, "hidden_size")
+        self.bias = bool(bias)
+        kw = {"device": device, "dtype": dtype}
+        gh = self.gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gh, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(gh, hidden_size, **kw))
+        if self.bias:
+            self.bias_ih = nn.Parameter(torch.empty(gh, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(gh, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        """Size ``S`` of the state tensor (``H``; LSTM: ``2H``)."""
+        return self.state_factor * self.hidden_size
+
+    def reset_parameters(self) -> None:
+        """Uniform initialisation in ``(-1/sqrt(H), 1/sqrt(H))``, as torch."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
+
+    # ------------------------------------------------------------------ state
+    def hidden(self, s: Tensor) -> Tensor:
+        """The hidden part ``h = s[..., :H]`` of a state."""
+        return s[..., : self.hidden_size]
+
+    def initial_state(self, batch_shape, device=None, dtype=None) -> Tensor:
+        """Zero state ``[*batch_shape, S]`` with the parameters' dtype/device."""
+        return torch.zeros(*batch_shape, self.state_size,
+                           device=device or self.weight_hh.device,
+                           dtype=dtype or self.weight_hh.dtype)
+
+    # ------------------------------------------------------------ projections
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``xw = x W_ih^T + b_ih`` for any leading dims, one matmul."""
+        return F.linear(x, self.weight_ih, self.bias_ih)
+
+    def hidden_projection(self, h: Tensor) -> Tensor:
+        """``hw = h W_hh^T + b_hh`` for any leading dims, one matmul."""
+        return F.linear(h, self.weight_hh, self.bias_hh)
+
+    @torch.no_grad()
+    def param_grads(self, x: Tensor, s_prev: Tensor, g_xw: Tensor,
+                    g_hw: Tensor) -> dict[str, Tensor]:
+        """Parameter gradients summed over all leading dims.
+
+        ``x [..., D]`` is the input and ``s_prev [..., S]`` the state each step
+        started from; ``g_xw``, ``g_hw`` come from :meth:`vjp_proj`. Each weight
+        gradient is one matmul over the flattened leading dims.
+        """
+        gx, gh = _flat(g_xw), _flat(g_hw)
+        grads = {
+            "weight_ih": gx.t() @ _flat(x),
+            "weight_hh": gh.t() @ _flat(self.hidden(s_prev)),
+        }
+        if self.bias:
+            grads["bias_ih"] = gx.sum(0)
+            grads["bias_hh"] = gh.sum(0)
+        return grads
+
+    @torch.no_grad()
+    def vjp(self, xw_t: Tensor, s: Tensor, g: Tensor, dt: Dt = 1.0):
+        """Convenience: ``(g_s_prev, g_xw, g_hw)`` for one (batched) step."""
+        lin = self.linearize(xw_t, s, dt)
+        g_xw, g_hw = self.vjp_proj(lin, g)
+        return self.vjp_state(lin, g), g_xw, g_hw
+
+    # ------------------------------------------------------- torch-like call
+    def forward(self, input: Tensor, hx: Tensor | None = None, dt: Dt = 1.0) -> Tensor:
+        """Torch-like differentiable call ``cell(x, h[, dt]) -> h_new``.
+
+        ``input`` is ``[B, D]`` or ``[D]``; ``hx`` defaults to zeros.
+        """
+        unbatched = input.dim() == 1
+        if unbatched:
+            input = input.unsqueeze(0)
+            hx = None if hx is None else hx.unsqueeze(0)
+        if hx is None:
+            hx = self.initial_state(input.shape[:-1], input.device, input.dtype)
+        out = self.forward_state(self.input_projection(input), hx, dt)
+        return out.squeeze(0) if unbatched else out
+
+
+class _GRUFamily(RecurrentCell):
+    """Shared VJP of the GRU cells.
+
+    Both GRU steps depend on ``h`` directly (coefficient ``d``) and through
+    the pre-activations ``x_r + h_r``, ``x_z + h_z``, ``x_n + r h_n``
+    (coefficients ``C_r``, ``C_z``, ``C_n``), so for ``g = dL/dh_new``:
+    ``g_hw = g (.) [C_r, C_z, C_n r]``, ``g_xw = g (.) [C_r, C_z, C_n]`` and
+    ``g_h_prev = g (.) d + g_hw W_hh``.
+    ``lin = (d [.., H], Chw = [C_r, C_z, C_n r] [.., 3, H], C_n [.., H])``.
+    """
+
+    gates = 3
+
+    def _gates(self, xw: Tensor, h: Tensor):
+        """``(r, z, n, hw_n)`` on fresh buffers (``rz`` shares one buffer)."""
+        H = self.hidden_size
+        hw = self.hidden_projection(h)
+        rz = torch.add(xw[..., : 2 * H], hw[..., : 2 * H]).sigmoid_()
+        r, z = rz[..., :H], rz[..., H:]
+        hn = hw[..., 2 * H:]
+        n = torch.addcmul(xw[..., 2 * H:], r, hn).tanh_()
+        return r, z, n, hn
+
+    @staticmethod
+    def _pack_lin(direct: Tensor, c_r: Tensor, c_z: Tensor, c_n: Tensor, r: Tensor) -> Lin:
+        chw = torch.stack((c_r, c_z, c_n * r), dim=-2)
+        return direct, chw, c_n
+
+    def _g_hw(self, lin: Lin, g: Tensor) -> Tensor:
+        return (lin[1] * g.unsqueeze(-2)).flatten(-2)
+
+    @torch.no_grad()
+    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
+        """``dL/dh_prev`` from ``g = dL/dh_new`` (2 elementwise ops + 1 GEMM)."""
+        return _mm_add(g * lin[0], self._g_hw(lin, g), self.weight_hh)
+
+    @torch.no_grad()
+    def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dL/dxw, dL/dhw)``: they differ only in the n block."""
+        H = self.hidden_size
+        g_hw = self._g_hw(lin, g)
+        g_xw = g_hw.clone()
+        torch.mul(g, lin[2], out=g_xw[..., 2 * H:])
+        return g_xw, g_hw
+
+
+class ImplicitGRUCell(_GRUFamily):
+    """Implicit (backward Euler) GRU cell, stable for any ``dt > 0``.
+
+    With ``r = σ(x_r + h_r)``, ``z = σ(x_z + h_z)``, ``n = tanh(x_n + r h_n)``
+    and ``a = dt (1 - z)``: ``h_new = (h + a n) / (1 + a)``, i.e.
+    ``(h_new - h) / dt = (1 - z) (n - h_new)``. ``h_new`` is a convex
+    combination of ``h`` and ``n``, so ``|h_new| <= max(|h|, 1)``.
+    """
+
+    @torch.no_grad()
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """One step without autograd: ``h_new = n + q (h - n)``, ``q = 1/(1+a)``."""
+        _, z, n, _ = self._gates(xw_t, s)
+        q = z.mul_(-dt).add_(1.0 + dt).reciprocal_()
+        return torch.lerp(n, s, q)
+
+    def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """Differentiable step with plain torch ops (autograd reference)."""
+        x_r, x_z, x_n = xw_t.chunk(3, -1)
+        h_r, h_z, h_n = self.hidden_projection(s).chunk(3, -1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        a = dt * (1 - z)
+        return (s + a * n) / (1 + a)
+
+    @torch.no_grad()
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+        """Jacobian coefficients of the step at ``s_prev`` (any leading dims).
+
+        ``q = 1/(1+a)``, ``C_n = a q (1 - n^2) = (1 - q)(1 - n^2)``,
+        ``C_r = C_n h_n r (1 - r)``, ``C_z = -dt (n - h_new) q z (1 - z)
+        = dt q^2 (h - n) z (1 - z)``.
+        """
+        r, z, n, hn = self._gates(xw, s_prev)
+        q = torch.mul(z, -dt).add_(1.0 + dt).reciprocal_()
+        c_n = torch.mul(n, n).neg_().add_(1.0).mul_(1.0 - q)
+        c_r = c_n * hn * torch.mul(r, 1.0 - r)
+        c_z = torch.sub(s_prev, n).mul_(q * q).mul_(z * (1.0 - z)).mul_(dt)
+        return self._pack_lin(q, c_r, c_z, c_n, r)
+
+
+class GRUCell(_GRUFamily):
+    """Classic GRU cell (torch's equations): ``h_new = z h + (1 - z) n``."""
+
+    @torch.no_grad()
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """One step without autograd; ``dt`` is ignored."""
+        _, z, n, _ = self._gates(xw_t, s)
+        return torch.lerp(n, s, z)
+
+    def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """Differentiable step with plain torch ops; ``dt`` is ignored."""
+        x_r, x_z, x_n = xw_t.chunk(3, -1)
+        h_r, h_z, h_n = self.hidden_projection(s).chunk(3, -1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return z * s + (1 - z) * n
+
+    @torch.no_grad()
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+        """``C_n = (1 - z)(1 - n^2)``, ``C_r = C_n h_n r (1-r)``,
+        ``C_z = (h - n) z (1 - z)``, direct term ``z``."""
+        r, z, n, hn = self._gates(xw, s_prev)
+        z_slope = torch.mul(z, 1.0 - z)
+        c_n = torch.mul(n, n).neg_().add_(1.0).mul_(1.0 - z)
+        c_r = c_n * hn * torch.mul(r, 1.0 - r)
+        c_z = torch.sub(s_prev, n).mul_(z_slope)
+        return self._pack_lin(z.contiguous(), c_r, c_z, c_n, r)
+
+
+class RNNCell(RecurrentCell):
+    """Elman RNN cell with tanh: ``h_new = tanh(xw + h W_hh^T + b_hh)``."""
+
+    gates = 1
+
+    @torch.no_grad()
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """One step without autograd; ``dt`` is ignored."""
+        return self.hidden_projection(s).add_(xw_t).tanh_()
+
+    def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """Differentiable step with plain torch ops; ``dt`` is ignored."""
+        return torch.tanh(xw_t + self.hidden_projection(s))
+
+    @torch.no_grad()
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+        """``lin = (1 - h_new^2,)``."""
+        h_new = self.step(xw, s_prev)
+        return (h_new.mul_(h_new).neg_().add_(1.0),)
+
+    @torch.no_grad()
+    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
+        """``dL/dh_prev = (g (.) (1 - h_new^2)) W_hh``."""
+        return torch.matmul(g * lin[0], self.weight_hh)
+
+    @torch.no_grad()
+    def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``g_xw = g_hw = g (.) (1 - h_new^2)`` (the same tensor, twice)."""
+        g_pre = g * lin[0]
+        return g_pre, g_pre
+
+
+class LSTMCell(RecurrentCell):
+    """Classic LSTM cell (torch's equations), state ``s = [h | c]``.
+
+    ``i, f, o = σ(.)``, ``g = tanh(.)``, ``c_new = f c + i g``,
+    ``h_new = o tanh(c_new)``.
+    """
+
+    gates = 4
+    state_factor = 2
+
+    def _activations(self, xw: Tensor, h: Tensor) -> Tensor:
+        """Activated gates ``[.., 4H]`` (i, f, g, o) on a fresh buffer."""
+        H = self.hidden_size
+        act = self.hidden_projection(h).add_(xw)
+        act[..., : 2 * H].sigmoid_()
+        act[..., 2 * H: 3 * H].tanh_()
+        act[..., 3 * H:].sigmoid_()
+        return act
+
+    @torch.no_grad()
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """One step without autograd; ``dt`` is ignored."""
+        H = self.hidden_size
+        act = self._activations(xw_t, s[..., :H])
+        i, f, g, o = act.chunk(4, -1)
+        out = torch.empty_like(s)
+        c_new = out[..., H:]
+        torch.mul(f, s[..., H:], out=c_new).addcmul_(i, g)
+        torch.tanh(c_new, out=out[..., :H]).mul_(o)
+        return out
+
+    def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+        """Differentiable step with plain torch ops; ``dt`` is ignored."""
+        h, c = s.chunk(2, -1)
+        i, f, g, o = (xw_t + self.hidden_projection(h)).chunk(4, -1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return torch.cat((h_new, c_new), -1)
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None,
+                dt: Dt = 1.0) -> tuple[Tensor, Tensor]:
+        """Torch-like call ``cell(x, (h, c)) -> (h_new, c_new)``."""
+        s = None if hx is None else torch.cat(tuple(hx), -1)
+        out = super().forward(input, s, dt)
+        return out[..., : self.hidden_size], out[..., self.hidden_size:]
+
+    @torch.no_grad()
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+        """``lin = (K, C3, C_o, f)`` with ``K = o (1 - tanh(c_new)^2)``,
+        ``C3 = [g i (1-i), c f (1-f), i (1 - g^2)]``,
+        ``C_o = tanh(c_new) o (1 - o)``; then ``dc = g_c + g_h K``,
+        ``g_pre = [dc C3, g_h C_o]``, ``g_c_prev = dc f``."""
+        H = self.hidden_size
+        c = s_prev[..., H:]
+        act = self._activations(xw, s_prev[..., :H])
+        i, f, g, o = act.chunk(4, -1)
+        tc = torch.mul(f, c).addcmul_(i, g).tanh_()
+        k = torch.mul(tc, tc).neg_().add_(1.0).mul_(o)
+        c3 = torch.stack((g * i * (1.0 - i), c * f * (1.0 - f),
+                          i * (1.0 - g * g)), dim=-2)
+        c_o = tc.mul_(o).mul_(1.0 - o)
+        return k, c3, c_o, f.contiguous()
+
+    def _g_pre(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
+        H = self.hidden_size
+        k, c3, c_o, _ = lin
+        g_h = g[..., :H]
+        dc = torch.addcmul(g[..., H:], g_h, k)
+        g_pre = torch.empty(*g.shape[:-1], 4 * H, dtype=g.dtype, device=g.device)
+        g_pre4 = g_pre.unflatten(-1, (4, H))
+        torch.mul(c3, dc.unsqueeze(-2), out=g_pre4[..., :3, :])
+        torch.mul(c_o, g_h, out=g_pre4[..., 3, :])
+        return g_pre, dc
+
+    @torch.no_grad()
+    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
+        """``[g_h_prev | g_c_prev] = [g_pre W_hh | dc (.) f]``."""
+        H = self.hidden_size
+        g_pre, dc = self._g_pre(lin, g)
+        out = torch.empty_like(g)
+        torch.mul(dc, lin[3], out=out[..., H:])
+        torch.matmul(g_pre, self.weight_hh, out=out[..., :H])
+        return out
+
+    @torch.no_grad()
+    def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``g_xw = g_hw = g_pre`` (the same tensor, twice)."""
+        g_pre, _ = self._g_pre(lin, g)
+        return g_pre, g_pre
+
+
+CELLS: dict[str, type[RecurrentCell]] = {
+    "implicit-gru": ImplicitGRUCell,
+    "gru": GRUCell,
+    "lstm": LSTMCell,
+    "rnn": RNNCell,
+}
+
+
+def make_cell(name: str, input_size: int, hidden_size: int, *, bias: bool = True,
+              dtype: torch.dtype = torch.float32, device=None) -> RecurrentCell:
+    """Build a cell by registry name (``InputError`` for unknown names)."""
+    try:
+        cls = CELLS[name]
+    except (KeyError, TypeError):
+        raise InputError(f"cell: unknown cell {name!r} (choose from {', '.join(CELLS)})") from None
+    return cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
