@@ -1,0 +1,404 @@
+"""One FAS MGRIT solver, written once for one and for many ranks.
+
+Solves ``u_0 = u0, u_i = Phi(u_{i-1}) + g_i`` (``i = 1..N``) for a
+:class:`~mgrit_gru.stepper.TimeStepper` whose ``Phi`` may be nonlinear,
+with the full approximation scheme (FAS) on a hierarchy of time grids
+(``grid.py``), each rank owning a contiguous block of time points.
+
+One iteration (cycle) on level ``l`` < coarsest:
+
+1. relaxation: F (``F``) or F, C, F (``FCF``); optionally skipped on the
+   first cycle (``skip_first_relax``: useful when the initial guess is poor);
+2. the residual at the C-points ``r_j = g_j + Phi(u_{j-1}) - u_j`` (zero at
+   F-points after an F-sweep);
+3. injection ``v = u[C]`` and the FAS right-hand side
+   ``g^c_j = r_{jm} + v_j - Phi^c(v_{j-1})``;
+4. the coarse problem solved by one cycle of the same kind (V, or F-cycle),
+   on the coarsest level by a sequential sweep pipelined across ranks;
+5. correction ``u[C] += u^c - v`` and an F-sweep (ideal interpolation).
+
+On the fine level, the C-point residual is computed after every cycle: it
+is the residual norm reported and tested for convergence, and it doubles as
+the first C-relaxation of the next cycle, so it costs no extra step.
+
+Steps are counted per level on every rank (``SolveInfo.steps``): they are the
+currency of the performance model in docs/performance.md.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from mgrit_gru.comm import Comm
+from mgrit_gru.errors import InputError
+from mgrit_gru.grid import Level, LevelRange, Partition, block_ranges, make_hierarchy
+
+
+@dataclass(frozen=True)
+class MGRITSettings:
+    """Solver settings (immutable; one object per solve kind)."""
+
+    levels: int = 3
+    cfactor: int = 4
+    max_iters: int = 10
+    abs_tol: float = 0.0          # stop when residual <= abs_tol ...
+    rel_tol: float = 0.0          # ... or residual <= rel_tol * first residual (0: off)
+    relax: str | tuple[str, ...] = "FCF"   # per level; the last entry repeats
+    skip_first_relax: bool = False
+    cycle: str = "V"               # "V" or "F"
+    min_coarse_points: int = 2
+    verbose: bool = False          # one log line per iteration on position 0
+
+    def __post_init__(self):
+        relax = (self.relax,) if isinstance(self.relax, str) else tuple(self.relax)
+        for r in relax:
+            if r not in ("F", "FCF"):
+                raise InputError(f"relax must be 'F' or 'FCF' (per level), got {r!r}")
+        object.__setattr__(self, "relax", relax)
+        if self.cycle not in ("V", "F"):
+            raise InputError(f"cycle must be 'V' or 'F', got {self.cycle!r}")
+        if self.max_iters < 0:
+            raise InputError(f"max_iters must be >= 0, got {self.max_iters}")
+        if self.abs_tol < 0 or self.rel_tol < 0:
+            raise InputError("tolerances must be >= 0")
+        if self.cfactor < 2:
+            raise InputError(f"cfactor must be >= 2, got {self.cfactor}")
+        if self.levels < 1:
+            raise InputError(f"levels must be >= 1, got {self.levels}")
+
+    def relax_on(self, level: int) -> str:
+        return self.relax[min(level, len(self.relax) - 1)]
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did. Residuals are C-point residual norms on the fine grid."""
+
+    residuals: list[float] = field(default_factory=list)  # [0]: before any coarse correction
+    iterations: int = 0
+    converged: bool = False
+    steps: list[int] = field(default_factory=list)        # this rank's step count per level
+    seconds: float = 0.0
+    iteration_seconds: list[float] = field(default_factory=list)
+    n_levels: int = 0
+
+    @property
+    def factors(self) -> list[float]:
+        r = self.residuals
+        return [r[k] / r[k - 1] if r[k - 1] > 0 else float("nan") for k in range(1, len(r))]
+
+    @property
+    def final_residual(self) -> float:
+        return self.residuals[-1] if self.residuals else float("nan")
+
+    def as_dict(self) -> dict:
+        return {
+            "residuals": self.residuals,
+            "factors": self.factors,
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "steps_per_level": self.steps,
+            "seconds": self.seconds,
+            "iteration_seconds": self.iteration_seconds,
+            "levels": self.n_levels,
+        }
+
+
+class _LevelData:
+    """Per-level state of one rank: its points' values, right-hand side, ghost."""
+
+    def __init__(self, level: Level, rng: LevelRange, shape, dtype):
+        self.level = level
+        self.rng = rng
+        self.u = torch.zeros((rng.size, *shape), dtype=dtype)
+        self.g: torch.Tensor | None = None   # None: zero right-hand side (except point 0)
+        self.v: torch.Tensor | None = None   # restricted values (FAS correction)
+        self.ghost = torch.zeros(shape, dtype=dtype)
+        m = level.cfactor
+        self.c_rows = [j - rng.lo for j in range(rng.lo, rng.hi) if j % m == 0 and j > 0]
+
+
+class MGRIT:
+    """FAS MGRIT for one stepper on one time communicator.
+
+    ``reverse=True`` solves in reversed time: point ``s`` of the solver is
+    fine point ``N - s`` of the forward grid and is owned by the rank that
+    owns that forward point; rank order is reversed (used for adjoints).
+    """
+
+    def __init__(self, stepper, comm: Comm | None, n_intervals: int, settings: MGRITSettings,
+                 reverse: bool = False, log: Callable[[str], None] | None = None):
+        self.stepper = stepper
+        self.comm = comm or Comm.serial()
+        self.settings = settings
+        self.N = n_intervals
+        self.reverse = reverse
+        self.levels = make_hierarchy(n_intervals, settings.cfactor, settings.levels, settings.min_coarse_points)
+        P = self.comm.size
+        fwd = block_ranges(n_intervals + 1, P)
+        if reverse:
+            ranges = [(n_intervals - hi + 1, n_intervals - lo + 1) for lo, hi in reversed(fwd)]
+            self._rank_of = lambda q: P - 1 - q
+            self.position = P - 1 - self.comm.rank
+        else:
+            ranges = fwd
+            self._rank_of = lambda q: q
+            self.position = self.comm.rank
+        self.partition = Partition(self.levels, ranges)
+        self.fine_range = self.partition.range(0, self.position)   # in solver (possibly reversed) indices
+        self.log = log or print
+        self.shape = tuple(stepper.state_shape)
+        self.dtype = stepper.dtype
+        self._data: list[_LevelData] | None = None
+        self.steps = [0] * len(self.levels)
+
+    # ------------------------------------------------------------------ helpers
+    def _tag(self, level: int, phase: int) -> int:
+        return 16 * level + phase
+
+    def _step(self, L: _LevelData, prev: torch.Tensor, j: int, out: torch.Tensor) -> torch.Tensor:
+        """out = Phi(prev) from level point j-1 to j (no right-hand side)."""
+        s = L.level.stride
+        self.steps[L.level.index] += 1
+        return self.stepper.step(prev, (j - 1) * s, j * s, L.level.index, out)
+
+    def _run(self, L: _LevelData, a: int, b: int) -> None:
+        """Sequential sweep over level points a..b-1: u_j = Phi(u_{j-1}) + g_j."""
+        lo = L.rng.lo
+        u, g = L.u, L.g
+        for j in range(a, b):
+            if j == 0:
+                continue
+            k = j - lo
+            prev = L.ghost if k == 0 else u[k - 1]
+            self._step(L, prev, j, u[k])
+            if g is not None:
+                u[k] += g[k]
+
+    def _ghost_exchange(self, L: _LevelData, need: Callable[[int], bool], phase: int) -> None:
+        """Give the right neighbour my last value if its first point needs it; get mine."""
+        r = L.rng
+        if r.empty:
+            return
+        tag = self._tag(L.level.index, phase)
+        req = None
+        if r.right is not None and need(r.hi):
+            req = self.comm.isend(L.u[-1], self._rank_of(r.right), tag)
+        if r.left is not None and need(r.lo):
+            self.comm.recv(L.ghost, self._rank_of(r.left), tag)
+        if req is not None:
+            req.wait()
+
+    def _phi_prev(self, L: _LevelData, rows: Sequence[int], out: torch.Tensor, phase: int,
+                  need: Callable[[int], bool]) -> torch.Tensor:
+        """out[i] = Phi(u at point (lo + rows[i]) - 1); ghost exchanged as needed."""
+        self._ghost_exchange(L, need, phase)
+        u = L.u
+        for i, k in enumerate(rows):
+            prev = L.ghost if k == 0 else u[k - 1]
+            self._step(L, prev, L.rng.lo + k, out[i])
+        return out
+
+    # ------------------------------------------------------------- relaxation
+    def _f_relax(self, L: _LevelData) -> None:
+        r = L.rng
+        if r.empty:
+            return
+        m = L.level.cfactor
+        lo, hi = r.lo, r.hi
+        tag = self._tag(L.level.index, 1)
+        first_c = -(-lo // m) * m
+        right_needs = r.right is not None and hi % m != 0
+        req = None
+        if first_c < hi:
+            last_c = ((hi - 1) // m) * m
+            # the interval reaching into the right neighbour first, so it can start early
+            self._run(L, last_c + 1, hi)
+            if right_needs:
+                req = self.comm.isend(L.u[-1], self._rank_of(r.right), tag)
+            c = first_c
+            while c < last_c:
+                self._run(L, c + 1, c + m)
+                c += m
+            if lo % m != 0:
+                self.comm.recv(L.ghost, self._rank_of(r.left), tag)
+                self._run(L, lo, first_c)
+        else:  # only F-points: one piece of an interval that started on the left
+            self.comm.recv(L.ghost, self._rank_of(r.left), tag)
+            self._run(L, lo, hi)
+            if right_needs:
+                req = self.comm.isend(L.u[-1], self._rank_of(r.right), tag)
+        if req is not None:
+            req.wait()
+
+    def _residual(self, L: _LevelData, phase: int) -> torch.Tensor:
+        """C-point residuals r = g + Phi(u_{j-1}) - u_j at this rank's C-points (j > 0)."""
+        m = L.level.cfactor
+        rows = L.c_rows
+        r = torch.empty((len(rows), *self.shape), dtype=self.dtype)
+        self._phi_prev(L, rows, r, phase, lambda j: j % m == 0)
+        if rows:
+            r -= L.u[rows]
+            if L.g is not None:
+                r += L.g[rows]
+        return r
+
+    def _relax(self, L: _LevelData, first: bool) -> None:
+        if first and self.settings.skip_first_relax:
+            return
+        self._f_relax(L)
+        if self.settings.relax_on(L.level.index) == "FCF":
+            r = self._residual(L, phase=2)
+            if L.c_rows:
+                L.u[L.c_rows] += r
+            self._f_relax(L)
+
+    def _sequential(self, L: _LevelData) -> None:
+        """Coarsest level: exact sweep, pipelined across ranks."""
+        r = L.rng
+        if r.empty:
+            return
+        tag = self._tag(L.level.index, 3)
+        if r.left is not None:
+            self.comm.recv(L.ghost, self._rank_of(r.left), tag)
+        self._run(L, r.lo, r.hi)
+        if r.right is not None:
+            self.comm.send(L.u[-1], self._rank_of(r.right), tag)
+
+    # --------------------------------------------------------- coarse grids
+    def _coarse_correct(self, l: int, r: torch.Tensor, first: bool, kind: str) -> None:
+        """Restrict level l's C-point values and residual, cycle level l+1, correct level l."""
+        F, C = self._data[l], self._data[l + 1]
+        m = F.level.cfactor
+        # injection: the coarse points are exactly this rank's C-points of level l
+        c_rows_all = [j - F.rng.lo for j in range(C.rng.lo * m, C.rng.hi * m, m)]
+        C.v = F.u[c_rows_all].clone() if c_rows_all else torch.zeros((0, *self.shape), dtype=self.dtype)
+        C.u.copy_(C.v)
+        # FAS right-hand side: g_c = R r + A_c(v),  A_c(v)_j = v_j - Phi_c(v_{j-1})
+        g = C.v.clone()
+        rows = [k for k in range(C.rng.size) if C.rng.lo + k > 0]
+        if rows:
+            phi = torch.empty((len(rows), *self.shape), dtype=self.dtype)
+            self._phi_prev(C, rows, phi, phase=4, need=lambda j: j > 0)
+            g[rows] -= phi
+            # residual rows of level l are its C-points j>0, in the same order
+            g[rows] += r
+        else:
+            self._phi_prev(C, [], C.ghost[None][:0], phase=4, need=lambda j: j > 0)
+        C.g = g
+        self._cycle(l + 1, first, kind)
+        if c_rows_all:
+            F.u[c_rows_all] += C.u - C.v
+        self._f_relax(F)
+
+    def _cycle(self, l: int, first: bool, kind: str) -> None:
+        L = self._data[l]
+        if L.level.coarsest:
+            self._sequential(L)
+            return
+        self._relax(L, first)
+        r = self._residual(L, phase=5)
+        self._coarse_correct(l, r, first, "F" if kind == "F" else "V")
+        if kind == "F" and not self._data[l + 1].level.coarsest:
+            # F-cycle: one more relaxation + V-cycle on this level
+            self._relax(L, False)
+            r = self._residual(L, phase=5)
+            self._coarse_correct(l, r, False, "V")
+
+    # ------------------------------------------------------------------ solve
+    def _norm(self, r: torch.Tensor) -> float:
+        local = float(torch.sum(r * r)) if r.numel() else 0.0
+        return math.sqrt(self.comm.allreduce_scalar(local, "sum"))
+
+    def solve(self, u0: torch.Tensor | None = None, rhs: torch.Tensor | None = None,
+              u_init: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
+        """Solve; return this rank's fine-level values ``[n_local, *shape]`` and the info.
+
+        ``u0``: value at point 0 (needed only on the rank owning it; zeros if
+        None).  ``rhs``: fine-level right-hand side for this rank's points
+        (row 0 of the rank owning point 0 is ignored), None for zero.
+        ``u_init``: initial guess for this rank's points (zeros if None).
+        Rows are in solver order (reversed time if ``reverse``).
+        """
+        s = self.settings
+        t_start = time.perf_counter()
+        self.steps = [0] * len(self.levels)
+        self._data = [
+            _LevelData(lev, self.partition.range(lev.index, self.position), self.shape, self.dtype)
+            for lev in self.levels
+        ]
+        fine = self._data[0]
+        if u_init is not None:
+            fine.u.copy_(u_init)
+        if rhs is not None:
+            fine.g = rhs
+        if fine.rng.lo == 0:
+            if u0 is not None:
+                fine.u[0] = u0
+            else:
+                fine.u[0] = 0
+            # point 0 is fixed: keep it in g as well so coarse levels inherit it via v
+        info = SolveInfo(n_levels=len(self.levels))
+        if fine.level.coarsest:  # one level: MGRIT is the sequential sweep
+            self._sequential(fine)
+            info.iterations = 1
+            info.residuals.append(self._norm(self._residual(fine, phase=6)))
+            info.converged = True
+            return self._finish(fine, info, t_start)
+
+        kind = s.cycle
+        self._relax_initial(fine)
+        k = 0
+        t_it = time.perf_counter()
+        r = self._residual(fine, phase=6)
+        info.residuals.append(self._norm(r))
+        self._log_iter(0, info, time.perf_counter() - t_it)
+        while True:
+            r0 = info.residuals[0]
+            res = info.residuals[-1]
+            if (s.abs_tol > 0 and res <= s.abs_tol) or (s.rel_tol > 0 and res <= s.rel_tol * r0) or res == 0.0:
+                info.converged = True
+                break
+            if k == s.max_iters:
+                break
+            t_it = time.perf_counter()
+            first = k == 0
+            if s.relax_on(0) == "FCF" and not (first and s.skip_first_relax):
+                if fine.c_rows:
+                    fine.u[fine.c_rows] += r          # C-relaxation from the residual just computed
+                self._f_relax(fine)
+                r = self._residual(fine, phase=5)
+            self._coarse_correct(0, r, first, kind)
+            if kind == "F" and not self._data[1].level.coarsest:
+                self._relax(fine, False)
+                r = self._residual(fine, phase=5)
+                self._coarse_correct(0, r, False, "V")
+            k += 1
+            r = self._residual(fine, phase=6)
+            info.residuals.append(self._norm(r))
+            info.iteration_seconds.append(time.perf_counter() - t_it)
+            self._log_iter(k, info, info.iteration_seconds[-1])
+        info.iterations = k
+        return self._finish(fine, info, t_start)
+
+    def _relax_initial(self, fine: _LevelData) -> None:
+        if not self.settings.skip_first_relax:
+            self._f_relax(fine)
+
+    def _finish(self, fine: _LevelData, info: SolveInfo, t_start: float):
+        info.steps = list(self.steps)
+        info.seconds = time.perf_counter() - t_start
+        u = fine.u
+        self._data = None
+        return u, info
+
+    def _log_iter(self, k: int, info: SolveInfo, seconds: float) -> None:
+        if not self.settings.verbose or self.comm.rank != 0:
+            return
+        res = info.residuals[-1]
+        fac = info.factors[-1] if k > 0 else float("nan")
+        self.log(f"{'bwd' if self.reverse else 'fwd'} iter {k:3d} | residual {res:.3e} | factor {fac:.3f} | {seconds:.3f} s")
