@@ -132,6 +132,8 @@ class MGRIT:
 
     def __init__(self, stepper, comm: Comm | None, n_intervals: int, settings: MGRITSettings,
                  reverse: bool = False, log: Callable[[str], None] | None = None):
+        """``stepper`` may be set later (``solver.stepper = ...``), before :meth:`solve`:
+        a stepper may need the partition (``fine_range``, ``partition``) to be built."""
         self.stepper = stepper
         self.comm = comm or Comm.serial()
         self.settings = settings
@@ -151,8 +153,6 @@ class MGRIT:
         self.partition = Partition(self.levels, ranges)
         self.fine_range = self.partition.range(0, self.position)   # in solver (possibly reversed) indices
         self.log = log or print
-        self.shape = tuple(stepper.state_shape)
-        self.dtype = stepper.dtype
         self._data: list[_LevelData] | None = None
         self.steps = [0] * len(self.levels)
 
@@ -326,6 +326,8 @@ class MGRIT:
         """
         s = self.settings
         t_start = time.perf_counter()
+        self.shape = tuple(self.stepper.state_shape)
+        self.dtype = self.stepper.dtype
         self.steps = [0] * len(self.levels)
         self._data = [
             _LevelData(lev, self.partition.range(lev.index, self.position), self.shape, self.dtype)
