@@ -1,0 +1,206 @@
+"""The training loop: metrics, learning, determinism, resume, MPI replicas."""
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from mgrit_gru.comm import Comm
+from mgrit_gru.config import make_config
+from mgrit_gru.data import Split, load_dataset, write_dataset
+from mgrit_gru.errors import InputError
+from mgrit_gru.train import (build_model, check_replicas, classification_metrics,
+                             confusion_matrix, train)
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+EPOCH_KEYS = {"epoch", "train_loss", "test_loss", "test_accuracy", "test_precision",
+              "test_recall", "test_f1", "seconds"}
+
+
+def easy_split(rng, n, length=12):
+    """Class = sign of the sequence's mean level: learnable in a few epochs."""
+    y = rng.permutation(np.arange(n) % 2).astype(np.int64)
+    level = np.where(y == 1, 0.5, -0.5).astype(np.float32)
+    x = level[:, None, None] + 0.5 * rng.standard_normal((n, length, 2)).astype(np.float32)
+    return Split(x.astype(np.float32), y, None)
+
+
+@pytest.fixture(scope="module")
+def easy_data(tmp_path_factory):
+    """A tiny two-class HDF5 data set in the package schema."""
+    path = tmp_path_factory.mktemp("data") / "easy.h5"
+    rng = np.random.default_rng(1)
+    write_dataset(path, easy_split(rng, 64), easy_split(rng, 32), name="easy", num_classes=2)
+    return str(path)
+
+
+def config(data, out, **options):
+    base = dict(data=data, out=str(out), hidden=8, epochs=2, batch_size=16, threads=1,
+                progress="off")
+    base.update(options)
+    return make_config(base)
+
+
+def without_times(metrics):
+    return [{k: v for k, v in e.items() if "seconds" not in k} for e in metrics["epochs"]]
+
+
+# --------------------------------------------------------------------------- #
+# metrics against hand-computed values
+# --------------------------------------------------------------------------- #
+def test_confusion_matrix_counts_pairs():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
+    expected = np.zeros((4, 4), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        expected[t, p] += 1
+    np.testing.assert_array_equal(confusion_matrix(y_true, y_pred, 4), expected)
+
+
+@pytest.mark.parametrize("classes, y_true, y_pred, accuracy, precision, recall", [
+    # per class precision 2/2, 1/3, 0/1 ; recall 2/3, 1/2, 0/1
+    (3, [0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 2, 1], Fraction(3, 6), Fraction(4, 9), Fraction(7, 18)),
+    # class 2 is never predicted: precision 0 by convention ; recall 1, 1, 0
+    (3, [0, 1, 2, 2], [0, 1, 1, 1], Fraction(2, 4), Fraction(4, 9), Fraction(2, 3)),
+    # class 2 absent from labels and predictions: 0 and 0, still in the mean
+    (3, [0, 1, 1, 0], [0, 1, 1, 0], Fraction(1), Fraction(2, 3), Fraction(2, 3)),
+    (2, [0, 1, 1, 0], [0, 1, 1, 0], Fraction(1), Fraction(1), Fraction(1)),
+])
+def test_macro_metrics_hand_computed(classes, y_true, y_pred, accuracy, precision, recall):
+    m = classification_metrics(confusion_matrix(y_true, y_pred, classes))
+    f1 = 2 * precision * recall / (precision + recall)
+    assert m["accuracy"] == pytest.approx(float(accuracy), abs=1e-15)
+    assert m["precision"] == pytest.approx(float(precision), abs=1e-15)
+    assert m["recall"] == pytest.approx(float(recall), abs=1e-15)
+    assert m["f1"] == pytest.approx(float(f1), abs=1e-15)
+
+
+def test_macro_metrics_nothing_right_is_zero():
+    m = classification_metrics(confusion_matrix([0, 0, 1], [1, 1, 0], 2))
+    assert m == {"accuracy": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+# --------------------------------------------------------------------------- #
+# the loop
+# --------------------------------------------------------------------------- #
+def test_training_reduces_the_loss(easy_data, tmp_path):
+    cfg = config(easy_data, tmp_path / "run", epochs=4, lr=0.05)
+    dataset = load_dataset(easy_data)
+    model = build_model(cfg, dataset)       # the initial weights train() starts from
+    with torch.no_grad():
+        x = torch.from_numpy(dataset.test.x)
+        initial = float(torch.nn.functional.cross_entropy(model(x), torch.from_numpy(dataset.test.y)))
+    metrics = train(cfg, Comm.serial())
+    losses = [e["train_loss"] for e in metrics["epochs"]]
+    assert metrics["final"]["test_loss"] < 0.7 * initial
+    assert losses[-1] < losses[0]
+    assert metrics["final"]["test_accuracy"] > 0.75
+
+
+def test_same_seed_same_metrics(easy_data, tmp_path):
+    a = train(config(easy_data, tmp_path / "a"), Comm.serial())
+    b = train(config(easy_data, tmp_path / "b"), Comm.serial())
+    c = train(config(easy_data, tmp_path / "c", seed=1), Comm.serial())
+    assert without_times(a) == without_times(b)
+    assert without_times(a) != without_times(c)
+
+
+def test_run_folder_files(easy_data, tmp_path):
+    out = tmp_path / "run"
+    metrics = train(config(easy_data, out, checkpoint_every=5), Comm.serial())
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.toml",
+                                                     "log.txt", "metrics.json"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert [e["epoch"] for e in on_disk["epochs"]] == [1, 2]
+    for record in on_disk["epochs"]:
+        assert EPOCH_KEYS <= set(record)
+        assert all(math.isfinite(record[k]) for k in EPOCH_KEYS)
+    assert on_disk["final"]["train_seconds"] == pytest.approx(
+        sum(e["seconds"] for e in on_disk["epochs"]))
+    assert {"torch", "ranks", "threads", "hostname"} <= set(on_disk["environment"])
+    # the last epoch is checkpointed even when checkpoint_every does not divide it
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2
+    model = build_model(config(easy_data, out), load_dataset(easy_data))
+    model.load_state_dict(state["model"])
+    # one log line per epoch after the header
+    lines = (out / "log.txt").read_text().splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[1:]] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_refuses_to_overwrite_a_run(easy_data, tmp_path):
+    train(config(easy_data, tmp_path / "run", epochs=1), Comm.serial())
+    with pytest.raises(InputError, match="already holds a run"):
+        train(config(easy_data, tmp_path / "run", epochs=1), Comm.serial())
+
+
+def test_eval_every_skips_test_metrics(easy_data, tmp_path):
+    metrics = train(config(easy_data, tmp_path / "run", epochs=3, eval_every=2), Comm.serial())
+    evaluated = [e["test_loss"] is not None for e in metrics["epochs"]]
+    assert evaluated == [False, True, True]   # epoch 2, and the last one
+
+
+def test_resume_continues_exactly(easy_data, tmp_path):
+    whole = train(config(easy_data, tmp_path / "whole", epochs=3), Comm.serial())
+    train(config(easy_data, tmp_path / "part", epochs=1), Comm.serial())
+    resumed = train(config(easy_data, tmp_path / "part", epochs=3), Comm.serial(), resume=True)
+    assert without_times(resumed) == without_times(whole)
+
+
+def test_resume_needs_a_checkpoint(easy_data, tmp_path):
+    with pytest.raises(InputError, match="no checkpoint.pt"):
+        train(config(easy_data, tmp_path / "none"), Comm.serial(), resume=True)
+
+
+def test_time_ranks_must_fit_the_communicator(easy_data, tmp_path):
+    with pytest.raises(InputError, match="time_ranks"):
+        train(config(easy_data, tmp_path / "run", time_ranks=2), Comm.serial())
+
+
+def test_autograd_propagator_trains_like_serial(easy_data, tmp_path):
+    """The hand-written backward and plain BPTT give the same training run."""
+    a = train(config(easy_data, tmp_path / "a", dtype="float64"), Comm.serial())
+    b = train(config(easy_data, tmp_path / "b", dtype="float64", propagator="autograd"),
+              Comm.serial())
+    for ea, eb in zip(a["epochs"], b["epochs"]):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert ea[key] == pytest.approx(eb[key], rel=1e-9)
+
+
+# --------------------------------------------------------------------------- #
+# MPI: data groups and replicas
+# --------------------------------------------------------------------------- #
+@pytest.mark.mpi(min_size=2)
+def test_data_groups_match_one_rank(easy_data, tmp_path):
+    world = Comm.world()
+    # every rank's tmp_path differs; the run folder is rank 0's
+    cfg = config(easy_data, tmp_path / "world", epochs=2, batch_size=7, dtype="float64")
+    parallel = train(cfg, world)
+    single = train(config(easy_data, tmp_path / "single", epochs=2, batch_size=7,
+                          dtype="float64"), Comm.serial())
+    assert parallel["environment"]["data_groups"] == world.size
+    for ep, es in zip(parallel["epochs"], single["epochs"]):
+        for key in ("train_loss", "test_loss", "test_accuracy", "test_f1"):
+            assert ep[key] == pytest.approx(es[key], rel=1e-10)
+    # every rank returns the same metrics
+    gathered = world.allgather_object(without_times(parallel))
+    assert all(g == gathered[0] for g in gathered)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_check_replicas_detects_a_difference():
+    world = Comm.world()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    check_replicas(model, world)                    # identical: passes
+    if world.rank == world.size - 1:
+        with torch.no_grad():
+            model.bias[0] += 1e-6
+    with pytest.raises(RuntimeError, match="differ across ranks"):
+        check_replicas(model, world)                # raised on every rank: no hang
