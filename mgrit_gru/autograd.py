@@ -120,41 +120,22 @@ class GRUAdjointStepper:
         return out.copy_(self.cell.vjp_state(self.lins[level][s_to], u))
 
 
-
 class _MGRITFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prop, cell, x, lengths, steps, pooling, *params):
         comm: Comm = prop.comm
-        B = x.shape[0]
-        H, S = cell.hidden_size, cell.state_size
-        N = steps
-        if comm.size > N:
-            raise InputError(
-                f"--time-ranks {comm.size} is more than the sequence length {N}: "
-                f"use at most {N} time ranks")
-        fwd_solver = MGRIT(None, comm, N, prop.options.settings(False), log=prop.log)
-        lo, hi = fwd_solver.fine_range.lo, fwd_solver.fine_range.hi
-        max_stride = fwd_solver.levels[-1].stride
-        # inputs this rank reads: x[lo-1 .. hi-1) plus a halo for the adjoint's coarse steps
-        first_input = max(lo - 1, 0)
-        last_input = min(hi - 1 + max_stride, N)
-        x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
-        with torch.no_grad():
-            xw = cell.input_projection(x_tm)
-        fwd_solver.stepper = GRUForwardStepper(cell, xw, first_input, B)
-        with torch.no_grad():
-            h, info = fwd_solver.solve()
-        prop._record("fwd", info)
+        B, H, N = x.shape[0], cell.hidden_size, steps
+        lo, hi, first_input, x_tm, xw, h = prop.solve_states(cell, x, steps)
 
         # features: this rank's share, summed over time ranks
         t_idx = torch.arange(lo, hi)
         feat = torch.zeros(B, H, dtype=x.dtype)
         if pooling == "last":
-            mine = (lengths >= lo) & (lengths < hi) & (lengths > 0)
+            mine = (lengths >= lo) & (lengths < hi)
             b = torch.nonzero(mine).flatten()
             feat[b] = h[lengths[b] - lo, b, :H]
         else:
-            w = _mean_weights(lengths, N + 1, h)[:, :, :]   # w[t] = [t < len] / len for t = 0..N
+            w = _mean_weights(lengths, N, h)   # w[t-1]: weight of point t = [t <= len] / len
             # hidden state at point t (t >= 1) is step t's output: weight index t - 1
             wt = torch.zeros(hi - lo, B, 1, dtype=x.dtype)
             pos = t_idx >= 1
@@ -181,7 +162,7 @@ class _MGRITFunction(torch.autograd.Function):
             b = torch.nonzero(mine).flatten()
             src[lengths[b] - lo, b, :H] = g_feat[b]
         else:
-            w = _mean_weights(lengths, N + 1, h)
+            w = _mean_weights(lengths, N, h)
             t_idx = torch.arange(lo, hi)
             pos = t_idx >= 1
             src[pos, :, :H] = w[t_idx[pos] - 1] * g_feat
@@ -245,6 +226,33 @@ class MGRITPropagator:
         self.last_info[kind] = info
         self.last_stats[f"{kind}_iters"] = info.iterations
         self.last_stats[f"{kind}_residual"] = info.final_residual
+
+    @torch.no_grad()
+    def solve_states(self, cell: RecurrentCell, x: Tensor, steps: int | None = None):
+        """Forward MGRIT solve of ``x [B, T, D]`` over ``steps`` (default T) intervals.
+
+        Returns ``(lo, hi, first_input, x_tm, xw, h)``: this rank owns fine points
+        ``lo..hi-1`` and ``h [hi-lo, B, S]`` are their states; ``x_tm``/``xw`` are
+        the inputs (time-major) and input projections it read, from input
+        ``first_input`` on (its chunk plus the halo its adjoint steps need).
+        """
+        N = x.shape[1] if steps is None else steps
+        if self.comm.size > N:
+            raise InputError(
+                f"--time-ranks {self.comm.size} is more than the sequence length {N}: "
+                f"use at most {N} time ranks")
+        solver = MGRIT(None, self.comm, N, self.options.settings(False), log=self.log)
+        lo, hi = solver.fine_range.lo, solver.fine_range.hi
+        max_stride = solver.levels[-1].stride
+        # inputs this rank reads: x[lo-1 .. hi-1) plus a halo for the adjoint's coarse steps
+        first_input = max(lo - 1, 0)
+        last_input = min(hi - 1 + max_stride, N)
+        x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
+        xw = cell.input_projection(x_tm)
+        solver.stepper = GRUForwardStepper(cell, xw, first_input, x.shape[0])
+        h, info = solver.solve()
+        self._record("fwd", info)
+        return lo, hi, first_input, x_tm, xw, h
 
     def features(self, cell: RecurrentCell, x: Tensor, lengths=None, pooling: str = "last") -> Tensor:
         lengths, steps = _check_inputs(cell, x, lengths, pooling)

@@ -1,0 +1,150 @@
+"""MGRIT on the implicit GRU: forward states, gradients and rank independence.
+
+Truths: the serial step loop (forward states) and autograd BPTT of the serial
+model (gradients).  Each check takes a communicator; the serial tests run it at
+P = 1 and the ``mpi`` tests at the size mpiexec gives (CI: 2, 3 and 4).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
+from mgrit_gru.comm import Comm
+from mgrit_gru.errors import InputError
+from mgrit_gru.model import AutogradPropagator, SequenceClassifier
+
+D, H, C, B = 3, 8, 4, 5
+TIGHT = MGRITOptions(levels=3, cfactor=4, fwd_iters=60, bwd_iters=60, fwd_tol=1e-13, bwd_tol=1e-13)
+
+
+def _model(pooling="last", seed=0, cell="implicit-gru"):
+    torch.manual_seed(seed)
+    return SequenceClassifier(cell, D, H, C, pooling=pooling, dtype=torch.float64)
+
+
+def _batch(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, n, D, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([n, max(n - 3, 1), 1, max(n // 2, 1), min(7, n)])
+    y = torch.randint(0, C, (B,), generator=g)
+    return x, lengths, y
+
+
+def _loss_and_grads(model, prop, x, lengths, y):
+    model.propagator = prop
+    model.zero_grad()
+    loss = F.cross_entropy(model(x, lengths), y)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def check_forward_states_equal_serial(comm):
+    for n in [37, 128]:
+        model = _model()
+        x, _, _ = _batch(n)
+        prop = MGRITPropagator(comm, TIGHT)
+        lo, hi, _, _, _, h = prop.solve_states(model.cell, x)
+        # the truth: the plain loop of the cell's differentiable step
+        s = torch.zeros(B, H, dtype=torch.float64)
+        states = [s]
+        with torch.no_grad():
+            xw = model.cell.input_projection(x)
+            for t in range(n):
+                s = model.cell.forward_state(xw[:, t], s)
+                states.append(s)
+        truth = torch.stack(states)[lo:hi]
+        assert prop.last_stats["fwd_residual"] <= 1e-13
+        assert torch.allclose(h, truth, rtol=0, atol=1e-10), (n, (h - truth).abs().max())
+
+
+def check_gradients_equal_bptt(comm):
+    for pooling in ["last", "mean"]:
+        for n in [37, 64]:
+            model = _model(pooling)
+            x, lengths, y = _batch(n, seed=n)
+            l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+            prop = MGRITPropagator(comm, TIGHT)
+            l_mg, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+            assert abs(l_ref - l_mg) < 1e-10
+            assert prop.last_stats["bwd_residual"] <= 1e-13
+            for name in g_ref:
+                assert torch.allclose(g_mg[name], g_ref[name], rtol=0, atol=1e-9), (pooling, n, name)
+
+
+def check_inexact_gradient_is_a_descent_direction(comm):
+    """The cheap 2/1-iteration gradient is not exact, but it points downhill."""
+    model = _model()
+    x, lengths, y = _batch(128, seed=3)
+    _, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    _, g_mg = _loss_and_grads(model, MGRITPropagator(comm, MGRITOptions()), x, lengths, y)
+    a = torch.cat([g.flatten() for g in g_ref.values()])
+    b = torch.cat([g.flatten() for g in g_mg.values()])
+    assert not torch.allclose(a, b, atol=1e-12)       # really inexact (else the test proves nothing)
+    assert float(a @ b) / float(a.norm() * b.norm()) > 0.9
+
+
+def _train_three_steps(comm, relax):
+    model = _model(seed=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    prop = MGRITPropagator(comm, MGRITOptions(fwd_iters=2, bwd_iters=1, relax=relax))
+    model.propagator = prop
+    history = []
+    for k in range(3):
+        x, lengths, y = _batch(37, seed=10 + k)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x, lengths), y)
+        loss.backward()
+        opt.step()
+        history.append((loss.item(), prop.last_info["fwd"].residuals, prop.last_info["bwd"].residuals))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(*_batch(37, seed=99)[:2]), _batch(37, seed=99)[2]).item()
+    return history, loss
+
+
+def check_rank_independence(comm):
+    for relax in ["F", "FCF"]:
+        hist_p, loss_p = _train_three_steps(comm, relax)
+        hist_1, loss_1 = _train_three_steps(Comm.serial(), relax)
+        assert math.isclose(loss_p, loss_1, rel_tol=1e-12)
+        for (lp, fp, bp), (l1, f1, b1) in zip(hist_p, hist_1):
+            assert math.isclose(lp, l1, rel_tol=1e-12)
+            assert len(fp) == len(f1) == 3 and len(bp) == len(b1) == 2
+            for a, b in zip(fp + bp, f1 + b1):
+                assert math.isclose(a, b, rel_tol=1e-12), (fp, f1, bp, b1)
+
+
+CHECKS = [check_forward_states_equal_serial, check_gradients_equal_bptt,
+          check_inexact_gradient_is_a_descent_direction, check_rank_independence]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
+def test_serial(check):
+    check(Comm.serial())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
+def test_mpi(check):
+    check(Comm.world())
+
+
+def test_more_time_ranks_than_steps_is_a_clear_error():
+    class Fake(Comm):
+        def __init__(self):
+            super().__init__(None)
+            self.size = 9
+    model = _model()
+    model.propagator = MGRITPropagator(Fake(), MGRITOptions())
+    with pytest.raises(InputError, match="at most 4 time ranks"):
+        model(torch.zeros(2, 4, D, dtype=torch.float64))
+
+
+def test_float32_forward_matches_serial():
+    torch.manual_seed(0)
+    model = SequenceClassifier("implicit-gru", D, H, C)
+    x = torch.randn(B, 100, D)
+    ref = model.features(x)
+    model.propagator = MGRITPropagator(None, MGRITOptions(fwd_iters=50, fwd_tol=1e-7))
+    assert torch.allclose(model.features(x), ref, atol=1e-5)
