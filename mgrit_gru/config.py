@@ -111,8 +111,9 @@ class TrainConfig:
     bwd_tol: float = _opt(0.0, "backward residual tolerance (0: run exactly "
                           "bwd_iters iterations)")
     relax: str | tuple[str, ...] = _opt("FCF", "relaxation: F or FCF, or a "
-                                        "comma-separated list with one entry "
-                                        "per level", kind="relax")
+                                        "comma-separated list per level from "
+                                        "the finest (the last entry repeats)",
+                                        kind="relax")
     cycle: str = _opt("V", "MGRIT cycle", choices=CYCLES)
     skip_first_relax: bool = _opt(False, "skip the relaxation on the first "
                                   "down-cycle of each solve")
@@ -130,10 +131,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = _check(f, getattr(self, f.name))
             object.__setattr__(self, f.name, value)
-        if isinstance(self.relax, tuple) and len(self.relax) != self.levels:
+        if isinstance(self.relax, tuple) and len(self.relax) > self.levels:
             raise InputError(
-                f"option relax: {len(self.relax)} entries given for "
-                f"levels = {self.levels} (give one per level, or one string)")
+                f"option relax ({flag('relax')}): {len(self.relax)} entries for "
+                f"levels = {self.levels} (at most one per level; the last one repeats)")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain TOML/JSON-able values (``None`` left out,

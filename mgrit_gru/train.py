@@ -240,7 +240,13 @@ class _Stepper:
         self.steps = 0
 
     def mean_stats(self) -> dict[str, float]:
-        return {k: v / self.steps for k, v in self.stats.items()} if self.steps else {}
+        """The epoch means of the MGRIT statistics; with several data groups
+        (each solving for its own shard) the largest over the groups."""
+        if not self.steps:
+            return {}
+        means = torch.tensor([v / self.steps for v in self.stats.values()], dtype=torch.float64)
+        self.comm.allreduce_(means, op="max")
+        return dict(zip(self.stats, means.tolist()))
 
     def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
         params = list(model.parameters())

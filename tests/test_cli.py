@@ -134,7 +134,7 @@ BAD_OPTIONS = [
     (["--fwd-tol", "-0.001"], "fwd_tol"),
     (["--bwd-tol", "-1"], "bwd_tol"),
     (["--relax", "FFC"], "relax"),
-    (["--relax", "F,F"], "relax"),              # 2 entries for 3 levels
+    (["--relax", "F,F,F,F"], "relax"),          # 4 entries for 3 levels
     (["--time-ranks", "0"], "time_ranks"),
     (["--time-ranks", "2"], "time_ranks"),      # does not divide 1 rank
     (["--strategy", "random"], "strategy"),

@@ -173,6 +173,20 @@ def test_autograd_propagator_trains_like_serial(easy_data, tmp_path):
             assert ea[key] == pytest.approx(eb[key], rel=1e-9)
 
 
+def test_mgrit_converged_trains_like_serial(easy_data, tmp_path):
+    """Converged MGRIT solves give the serial run; MGRIT statistics are recorded."""
+    exact = dict(dtype="float64", levels=2, cfactor=2, fwd_iters=40, bwd_iters=40,
+                 fwd_tol=1e-13, bwd_tol=1e-13)
+    a = train(config(easy_data, tmp_path / "a", dtype="float64"), Comm.serial())
+    b = train(config(easy_data, tmp_path / "b", propagator="mgrit", **exact), Comm.serial())
+    for ea, eb in zip(a["epochs"], b["epochs"]):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert ea[key] == pytest.approx(eb[key], rel=1e-9)
+        assert 1 <= eb["fwd_iters"] <= 40 and eb["fwd_residual"] <= 1e-13
+        assert 1 <= eb["bwd_iters"] <= 40 and eb["bwd_residual"] <= 1e-13
+    assert "fwd_iters" not in a["final"]
+
+
 # --------------------------------------------------------------------------- #
 # MPI: data groups and replicas
 # --------------------------------------------------------------------------- #
@@ -189,6 +203,30 @@ def test_data_groups_match_one_rank(easy_data, tmp_path):
         for key in ("train_loss", "test_loss", "test_accuracy", "test_f1"):
             assert ep[key] == pytest.approx(es[key], rel=1e-10)
     # every rank returns the same metrics
+    gathered = world.allgather_object(without_times(parallel))
+    assert all(g == gathered[0] for g in gathered)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("time", ["all", 1])
+def test_mgrit_time_and_data_ranks_match_one_rank(easy_data, tmp_path, time):
+    """MGRIT with a fixed number of iterations gives the same run on P time
+    ranks (or on P data groups) as on one rank."""
+    world = Comm.world()
+    time_ranks = world.size if time == "all" else 1
+    opts = dict(epochs=1, batch_size=10, dtype="float64", propagator="mgrit", levels=2,
+                cfactor=2, fwd_iters=2, bwd_iters=1)
+    parallel = train(config(easy_data, tmp_path / "world", time_ranks=time_ranks, **opts),
+                     world)
+    single = train(config(easy_data, tmp_path / "single", **opts), Comm.serial())
+    assert parallel["environment"]["time_ranks"] == time_ranks
+    # residuals are of the batch each rank solves for: a shard with data groups
+    keys = ("train_loss", "test_loss", "test_accuracy", "fwd_iters", "bwd_iters")
+    if time_ranks == world.size:
+        keys += ("fwd_residual", "bwd_residual")
+    for ep, es in zip(parallel["epochs"], single["epochs"]):
+        for key in keys:
+            assert ep[key] == pytest.approx(es[key], rel=1e-9, abs=1e-14)
     gathered = world.allgather_object(without_times(parallel))
     assert all(g == gathered[0] for g in gathered)
 
