@@ -37,6 +37,7 @@ import numpy as np
 from mgrit_gru.errors import InputError
 
 __all__ = [
+    "DEFAULT_DATASET",
     "Batch",
     "Dataset",
     "Split",
@@ -50,6 +51,9 @@ __all__ = [
 
 #: Root attributes every file carries (written as "" when not given).
 PROVENANCE_ATTRS = ("source", "normalisation", "description")
+
+#: The built-in set ``mgrit-gru train`` uses when no data set is given.
+DEFAULT_DATASET = "FreezerRegularTrain"
 
 #: Default sizes of the ``synthetic:LEN`` data set (overridden by max_train/max_test).
 SYNTHETIC_N_TRAIN = 1000
@@ -252,6 +256,16 @@ def _attr_value(v: Any) -> Any:
     return v
 
 
+def _attr_for_hdf5(value: Any) -> Any:
+    """A root attribute value HDF5 can store: dicts and non-numeric lists become JSON text."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        arr = np.asarray(value)
+        return arr if arr.dtype.kind in "biuf" else json.dumps(list(value))
+    return value
+
+
 def _resolve(path_or_name: str | os.PathLike) -> Path:
     """The file behind a path or a built-in name; InputError when neither exists."""
     path = Path(path_or_name)
@@ -347,7 +361,8 @@ def write_dataset(path: str | os.PathLike, train: Split, test: Split, *, name: s
 
     ``num_classes`` defaults to the largest label + 1.  ``attrs`` become root
     attributes (``source``, ``normalisation`` and ``description`` default to
-    ""); dict and list values are stored as JSON strings.  The arrays are
+    ""); numeric lists are stored as arrays (read back as lists), dicts and
+    other lists as JSON strings.  The arrays are
     validated exactly as :func:`load_dataset` does, so a written file always
     loads.  On any error no file (and no partial file) is left at ``path``.
     """
@@ -356,7 +371,7 @@ def write_dataset(path: str | os.PathLike, train: Split, test: Split, *, name: s
     train, test, num_classes = _check_pair(where, train, test, num_classes)
     root: dict[str, Any] = {key: "" for key in PROVENANCE_ATTRS}
     for key, value in (attrs or {}).items():
-        root[str(key)] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        root[str(key)] = _attr_for_hdf5(value)
     root["name"] = str(name)
     root["num_classes"] = num_classes
     if not path.parent.is_dir():
