@@ -362,7 +362,9 @@ class MGRIT:
         while True:
             r0 = info.residuals[0]
             res = info.residuals[-1]
-            if (s.abs_tol > 0 and res <= s.abs_tol) or (s.rel_tol > 0 and res <= s.rel_tol * r0) or res == 0.0:
+            # (no test for an exact zero: after a skipped first relaxation the C-point
+            # residual of a zero guess can vanish while the F-points are still wrong)
+            if (s.abs_tol > 0 and res <= s.abs_tol) or (s.rel_tol > 0 and res <= s.rel_tol * r0):
                 info.converged = True
                 break
             if k == s.max_iters:
