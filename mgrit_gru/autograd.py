@@ -53,6 +53,7 @@ class MGRITOptions:
     relax: str | Sequence[str] = "FCF"
     skip_first_relax: bool = False
     cycle: str = "V"
+    final_residual: bool = True   # the residual after the last iteration (N/m steps more)
     verbose: bool = False
 
     def settings(self, backward: bool) -> MGRITSettings:
@@ -61,7 +62,8 @@ class MGRITOptions:
             max_iters=self.bwd_iters if backward else self.fwd_iters,
             abs_tol=self.bwd_tol if backward else self.fwd_tol,
             relax=self.relax if isinstance(self.relax, str) else tuple(self.relax),
-            skip_first_relax=self.skip_first_relax, cycle=self.cycle, verbose=self.verbose,
+            skip_first_relax=self.skip_first_relax, cycle=self.cycle,
+            final_residual=self.final_residual, verbose=self.verbose,
         )
 
 

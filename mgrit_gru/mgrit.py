@@ -51,6 +51,7 @@ class MGRITSettings:
     skip_first_relax: bool = False
     cycle: str = "V"               # "V" or "F"
     min_coarse_points: int = 2
+    final_residual: bool = True    # compute the residual after the last iteration too
     verbose: bool = False          # one log line per iteration on position 0
 
     def __post_init__(self):
@@ -382,6 +383,11 @@ class MGRIT:
                 r = self._residual(fine, phase=5)
                 self._coarse_correct(0, r, False, "V")
             k += 1
+            if k == s.max_iters and not s.final_residual:
+                # the last correction's residual is not needed to decide anything:
+                # save its N/m steps (residuals[-1] is then the one before it)
+                info.iteration_seconds.append(time.perf_counter() - t_it)
+                break
             r = self._residual(fine, phase=6)
             info.residuals.append(self._norm(r))
             info.iteration_seconds.append(time.perf_counter() - t_it)

@@ -138,3 +138,12 @@ def test_log_line_format():
 def test_bad_settings(kw):
     with pytest.raises(InputError):
         MGRITSettings(**kw)
+
+
+def test_final_residual_can_be_skipped():
+    st = _stepper()
+    a = MGRIT(st, None, 64, MGRITSettings(levels=3, max_iters=2)).solve(u0=U0)
+    b = MGRIT(st, None, 64, MGRITSettings(levels=3, max_iters=2, final_residual=False)).solve(u0=U0)
+    assert torch.equal(a[0], b[0])                       # same answer
+    assert b[1].residuals == a[1].residuals[:-1]         # one residual fewer
+    assert a[1].steps[0] - b[1].steps[0] == 64 // 4      # N/m fine steps saved
