@@ -127,13 +127,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
-    from mgrit_gru.data import builtin_datasets, load_dataset
-    from mgrit_gru.train import DEFAULT_DATA
+    from mgrit_gru.data import DEFAULT_DATASET, builtin_datasets, load_dataset
 
     print(f"{'name':<28} {'train':>6} {'test':>6} {'T':>6} {'d':>4} {'classes':>7}")
     for name in builtin_datasets():
         ds = load_dataset(name)
-        mark = "  (default)" if name == DEFAULT_DATA else ""
+        mark = "  (default)" if name == DEFAULT_DATASET else ""
         print(f"{name:<28} {len(ds.train):>6} {len(ds.test):>6} {ds.seq_len:>6} "
               f"{ds.input_size:>4} {ds.num_classes:>7}{mark}")
     print("synthetic:LEN                (generated: the long-memory pulse task of length LEN)")

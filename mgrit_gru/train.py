@@ -41,12 +41,9 @@ from tqdm import tqdm
 import mgrit_gru
 from mgrit_gru.comm import Comm
 from mgrit_gru.config import TrainConfig, flag
-from mgrit_gru.data import Dataset, Split, batch_indices, load_dataset
+from mgrit_gru.data import DEFAULT_DATASET, Dataset, Split, batch_indices, load_dataset
 from mgrit_gru.errors import InputError
 from mgrit_gru.strategies import make_strategy
-
-#: The built-in data set that ``data = "default"`` stands for.
-DEFAULT_DATA = "synthetic:64"
 
 #: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
 MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
@@ -435,7 +432,7 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
     config = resolve_config(config, comm)
     torch.set_num_threads(config.threads)
     time_comm, data_comm = comm.split_grid(config.time_ranks)
-    data_name = DEFAULT_DATA if config.data == "default" else config.data
+    data_name = DEFAULT_DATASET if config.data == "default" else config.data
     dataset: Dataset = load_dataset(data_name, max_train=config.max_train,
                                     max_test=config.max_test, max_len=config.max_len)
     dtype = getattr(torch, config.dtype)

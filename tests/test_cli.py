@@ -98,6 +98,15 @@ def test_every_option_has_a_flag():
     assert set(OPTION_NAMES) <= dests
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/usage.md"])
+def test_docs_list_every_option(doc):
+    from mgrit_gru.config import flag
+
+    text = (ROOT / doc).read_text()
+    missing = [name for name in OPTION_NAMES if f"`{flag(name)}`" not in text]
+    assert not missing
+
+
 def test_precedence_defaults_toml_flags(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('hidden = 6\nepochs = 3\nrelax = ["F", "FCF", "F"]\nlr = 0.002\n')
