@@ -15,29 +15,34 @@ and i, f, g, o for the LSTM), so state dicts load both ways with
 
 Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
 ``cell(x, (h, c))``) every cell exposes the functional API of
-``docs/interfaces.md`` on one state tensor ``s [..., S]``:
+``docs/interfaces.md`` on one state tensor ``s [..., S]``, for any leading
+(batch, time, ...) dims:
 
 ``input_projection(x)``
-    ``xw = x W_ih^T + b_ih`` for any leading dims (one matmul per sequence).
-``step(xw_t, s, dt=1.0)``
-    one step, no autograd, fused in-place kernels on fresh buffers.
+    ``xw = x W_ih^T + b_ih`` (one matmul for a whole sequence).
+``step(xw_t, s, dt=1.0, *, out=None, hw_out=None)``
+    one step, no autograd, fused in-place kernels on fresh buffers. ``out``
+    receives the new state; ``hw_out`` receives the hidden projection
+    ``hw = h W_hh^T + b_hh`` so that :meth:`linearize` can skip its matmul.
 ``forward_state(xw_t, s, dt=1.0)``
     the same step written with plain differentiable torch ops (autograd
-    reference; used by :class:`mgrit_gru.model.AutogradPropagator`).
-``linearize(xw, s_prev, dt=1.0) -> lin``
-    coefficient tensors of the step's Jacobian, for any leading dims at once.
-``vjp_state(lin, g)``
+    reference, used by :class:`mgrit_gru.model.AutogradPropagator`).
+``linearize(xw, s_prev, dt=1.0, *, hw=None) -> lin``
+    coefficient tensors of the step's Jacobian at ``s_prev``; ``hw`` is the
+    hidden projection of ``s_prev`` if the caller kept it.
+``vjp_state(lin, g, *, acc=None)``
     ``dL/ds_prev`` from ``g = dL/ds_new``: a few elementwise ops and one
-    matmul, so that it can be applied many times to the same ``lin``.
+    matmul, cheap enough to apply many times to the same ``lin``. With ``acc``
+    the result is added into ``acc`` in place (and ``acc`` returned).
 ``vjp_proj(lin, g) -> (g_xw, g_hw)``
-    gradients with respect to ``xw`` and ``hw = h W_hh^T + b_hh``.
+    gradients with respect to ``xw`` and ``hw``.
 ``param_grads(x, s_prev, g_xw, g_hw)``
     parameter gradients summed over all leading dims with single matmuls.
 
 ``lin`` is a tuple of tensors that all carry the leading dims of the call;
-:func:`select_lin` indexes it (e.g. one time step of a whole-sequence ``lin``).
+:func:`select_lin` indexes it (e.g. one time step of a whole-chunk ``lin``).
 ``dt`` may be a float or a tensor broadcastable to the state; explicit cells
-accept and ignore it.
+accept and ignore it. The functional methods never record autograd graphs.
 """
 
 from __future__ import annotations
@@ -76,17 +81,36 @@ def _positive_int(value, option: str) -> int:
     return value
 
 
-def _mm_add(base: Tensor, a: Tensor, w: Tensor) -> Tensor:
-    """``base + a @ w`` in one GEMM for any leading dims (``base`` contiguous)."""
-    if a.dim() == 2:
-        return torch.addmm(base, a, w)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), a.reshape(-1, a.shape[-1]), w)
-    return out.view(base.shape)
-
-
 def _flat(t: Tensor) -> Tensor:
     """Merge the leading dims: ``[..., k] -> [N, k]`` (a view when possible)."""
     return t.reshape(-1, t.shape[-1])
+
+
+def _addmm_into(acc: Tensor, a: Tensor, w: Tensor) -> Tensor:
+    """``acc += a @ w`` in place, one GEMM for any leading dims."""
+    if acc.dim() == 2:
+        return acc.addmm_(a, w)
+    acc.view(-1, acc.shape[-1]).addmm_(_flat(a), w)
+    return acc
+
+
+def _linear(a: Tensor, w: Tensor, b: Tensor | None, out: Tensor | None) -> Tensor:
+    """``a w^T + b``; with ``out`` one GEMM into it (``out`` viewable as 2-D)."""
+    if out is None:
+        return F.linear(a, w, b)
+    if a.dim() != 2:
+        _linear(_flat(a), w, b, out.view(-1, out.shape[-1]))
+        return out
+    if b is None:
+        return torch.mm(a, w.t(), out=out)
+    return torch.addmm(b, a, w.t(), out=out)
+
+
+def _one_plus_dt_one_minus(z: Tensor, dt: Dt) -> Tensor:
+    """``1 + dt (1 - z)`` on a fresh buffer (one kernel for a scalar ``dt``)."""
+    if isinstance(dt, Tensor):
+        return torch.mul(z, -dt).add_(1.0 + dt)
+    return torch.rsub(z, 1.0 + dt, alpha=dt)
 
 
 class RecurrentCell(nn.Module):
@@ -138,19 +162,29 @@ class RecurrentCell(nn.Module):
         return s[..., : self.hidden_size]
 
     def initial_state(self, batch_shape, device=None, dtype=None) -> Tensor:
-        """Zero state ``[*batch_shape, S]`` with the parameters' dtype/device."""
+        """Zero state ``[*batch_shape, S]`` (parameters' dtype/device by default)."""
         return torch.zeros(*batch_shape, self.state_size,
-                           device=device or self.weight_hh.device,
-                           dtype=dtype or self.weight_hh.dtype)
+                           device=self.weight_hh.device if device is None else device,
+                           dtype=self.weight_hh.dtype if dtype is None else dtype)
 
     # ------------------------------------------------------------ projections
-    def input_projection(self, x: Tensor) -> Tensor:
-        """``xw = x W_ih^T + b_ih`` for any leading dims, one matmul."""
-        return F.linear(x, self.weight_ih, self.bias_ih)
+    def input_projection(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``xw = x W_ih^T + b_ih`` for any leading dims, one matmul.
 
-    def hidden_projection(self, h: Tensor) -> Tensor:
-        """``hw = h W_hh^T + b_hh`` for any leading dims, one matmul."""
-        return F.linear(h, self.weight_hh, self.bias_hh)
+        ``out`` (optional, contiguous) receives the result, without autograd.
+        """
+        return _linear(x, self.weight_ih, self.bias_ih, out)
+
+    def hidden_projection(self, h: Tensor, out: Tensor | None = None) -> Tensor:
+        """``hw = h W_hh^T + b_hh`` for any leading dims, one matmul.
+
+        ``out`` (optional) receives the result, without autograd.
+        """
+        return _linear(h, self.weight_hh, self.bias_hh, out)
+
+    def _projection(self, h: Tensor, hw: Tensor | None, hw_out: Tensor | None) -> Tensor:
+        """``hw`` as given, else computed (into ``hw_out`` when given)."""
+        return self.hidden_projection(h, hw_out) if hw is None else hw
 
     @torch.no_grad()
     def param_grads(self, x: Tensor, s_prev: Tensor, g_xw: Tensor,
@@ -195,7 +229,7 @@ class RecurrentCell(nn.Module):
 
 
 class _GRUFamily(RecurrentCell):
-    """Shared VJP of the GRU cells.
+    """Shared gates and VJP of the two GRU cells.
 
     Both GRU steps depend on ``h`` directly (coefficient ``d``) and through
     the pre-activations ``x_r + h_r``, ``x_z + h_z``, ``x_n + r h_n``
@@ -207,36 +241,46 @@ class _GRUFamily(RecurrentCell):
 
     gates = 3
 
-    def _gates(self, xw: Tensor, h: Tensor):
-        """``(r, z, n, hw_n)`` on fresh buffers (``rz`` shares one buffer)."""
-        H = self.hidden_size
-        hw = self.hidden_projection(h)
-        rz = torch.add(xw[..., : 2 * H], hw[..., : 2 * H]).sigmoid_()
-        r, z = rz[..., :H], rz[..., H:]
-        hn = hw[..., 2 * H:]
-        n = torch.addcmul(xw[..., 2 * H:], r, hn).tanh_()
-        return r, z, n, hn
+    def _gates(self, xw: Tensor, h: Tensor, hw: Tensor | None = None,
+               hw_out: Tensor | None = None):
+        """``(rz, n, hw_n)``: ``rz = [r | z]`` and ``n`` on fresh buffers."""
+        H2 = 2 * self.hidden_size
+        hw = self._projection(h, hw, hw_out)
+        rz = torch.add(xw[..., :H2], hw[..., :H2]).sigmoid_()
+        hn = hw[..., H2:]
+        n = torch.addcmul(xw[..., H2:], rz[..., : self.hidden_size], hn).tanh_()
+        return rz, n, hn
 
-    @staticmethod
-    def _pack_lin(direct: Tensor, c_r: Tensor, c_z: Tensor, c_n: Tensor, r: Tensor) -> Lin:
-        chw = torch.stack((c_r, c_z, c_n * r), dim=-2)
+    def _lin(self, direct: Tensor, rz: Tensor, n: Tensor, hn: Tensor, c_n: Tensor,
+             c_z_base: Tensor) -> Lin:
+        """Assemble ``lin`` from ``C_n`` and ``C_z / (z (1 - z))``."""
+        H = self.hidden_size
+        slope = torch.rsub(rz, 1.0).mul_(rz)                   # [r(1-r) | z(1-z)]
+        r = rz[..., :H]
+        chw = torch.empty(*n.shape[:-1], 3, H, dtype=n.dtype, device=n.device)
+        torch.mul(c_n, hn, out=chw[..., 0, :]).mul_(slope[..., :H])
+        torch.mul(c_z_base, slope[..., H:], out=chw[..., 1, :])
+        torch.mul(c_n, r, out=chw[..., 2, :])
         return direct, chw, c_n
 
-    def _g_hw(self, lin: Lin, g: Tensor) -> Tensor:
-        return (lin[1] * g.unsqueeze(-2)).flatten(-2)
-
     @torch.no_grad()
-    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
-        """``dL/dh_prev`` from ``g = dL/dh_new`` (2 elementwise ops + 1 GEMM)."""
-        return _mm_add(g * lin[0], self._g_hw(lin, g), self.weight_hh)
+    def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
+        """``dL/dh_prev = g (.) d + (g (.) Chw) W_hh`` (2 elementwise ops + 1 GEMM)."""
+        direct, chw, _ = lin
+        g_hw = torch.mul(chw, g.unsqueeze(-2)).flatten(-2)
+        if acc is None:
+            acc = torch.mul(g, direct)
+        else:
+            acc.addcmul_(g, direct)
+        return _addmm_into(acc, g_hw, self.weight_hh)
 
     @torch.no_grad()
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``(dL/dxw, dL/dhw)``: they differ only in the n block."""
-        H = self.hidden_size
-        g_hw = self._g_hw(lin, g)
+        _, chw, c_n = lin
+        g_hw = torch.mul(chw, g.unsqueeze(-2)).flatten(-2)
         g_xw = g_hw.clone()
-        torch.mul(g, lin[2], out=g_xw[..., 2 * H:])
+        torch.mul(g, c_n, out=g_xw[..., 2 * self.hidden_size:])
         return g_xw, g_hw
 
 
@@ -250,11 +294,12 @@ class ImplicitGRUCell(_GRUFamily):
     """
 
     @torch.no_grad()
-    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
+             out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd: ``h_new = n + q (h - n)``, ``q = 1/(1+a)``."""
-        _, z, n, _ = self._gates(xw_t, s)
-        q = z.mul_(-dt).add_(1.0 + dt).reciprocal_()
-        return torch.lerp(n, s, q)
+        rz, n, _ = self._gates(xw_t, s, hw_out=hw_out)
+        q = _one_plus_dt_one_minus(rz[..., self.hidden_size:], dt).reciprocal_()
+        return torch.lerp(n, s, q, out=out)
 
     def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
         """Differentiable step with plain torch ops (autograd reference)."""
@@ -267,29 +312,31 @@ class ImplicitGRUCell(_GRUFamily):
         return (s + a * n) / (1 + a)
 
     @torch.no_grad()
-    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
+                  hw: Tensor | None = None) -> Lin:
         """Jacobian coefficients of the step at ``s_prev`` (any leading dims).
 
-        ``q = 1/(1+a)``, ``C_n = a q (1 - n^2) = (1 - q)(1 - n^2)``,
-        ``C_r = C_n h_n r (1 - r)``, ``C_z = -dt (n - h_new) q z (1 - z)
-        = dt q^2 (h - n) z (1 - z)``.
+        ``d = q = 1/(1+a)``, ``C_n = a q (1 - n^2) = (1 - q)(1 - n^2)``,
+        ``C_r = C_n h_n r (1 - r)``,
+        ``C_z = -dt (n - h_new) q z (1 - z) = dt q^2 (h - n) z (1 - z)``.
         """
-        r, z, n, hn = self._gates(xw, s_prev)
-        q = torch.mul(z, -dt).add_(1.0 + dt).reciprocal_()
-        c_n = torch.mul(n, n).neg_().add_(1.0).mul_(1.0 - q)
-        c_r = c_n * hn * torch.mul(r, 1.0 - r)
-        c_z = torch.sub(s_prev, n).mul_(q * q).mul_(z * (1.0 - z)).mul_(dt)
-        return self._pack_lin(q, c_r, c_z, c_n, r)
+        rz, n, hn = self._gates(xw, s_prev, hw)
+        q = _one_plus_dt_one_minus(rz[..., self.hidden_size:], dt).reciprocal_()
+        one_minus_q = torch.rsub(q, 1.0)
+        c_n = torch.mul(n, n).mul_(one_minus_q).neg_().add_(one_minus_q)
+        c_z_base = torch.sub(s_prev, n).mul_(q).mul_(torch.mul(q, dt))
+        return self._lin(q, rz, n, hn, c_n, c_z_base)
 
 
 class GRUCell(_GRUFamily):
     """Classic GRU cell (torch's equations): ``h_new = z h + (1 - z) n``."""
 
     @torch.no_grad()
-    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
+             out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
-        _, z, n, _ = self._gates(xw_t, s)
-        return torch.lerp(n, s, z)
+        rz, n, _ = self._gates(xw_t, s, hw_out=hw_out)
+        return torch.lerp(n, s, rz[..., self.hidden_size:], out=out)
 
     def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
         """Differentiable step with plain torch ops; ``dt`` is ignored."""
@@ -301,15 +348,15 @@ class GRUCell(_GRUFamily):
         return z * s + (1 - z) * n
 
     @torch.no_grad()
-    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
-        """``C_n = (1 - z)(1 - n^2)``, ``C_r = C_n h_n r (1-r)``,
-        ``C_z = (h - n) z (1 - z)``, direct term ``z``."""
-        r, z, n, hn = self._gates(xw, s_prev)
-        z_slope = torch.mul(z, 1.0 - z)
-        c_n = torch.mul(n, n).neg_().add_(1.0).mul_(1.0 - z)
-        c_r = c_n * hn * torch.mul(r, 1.0 - r)
-        c_z = torch.sub(s_prev, n).mul_(z_slope)
-        return self._pack_lin(z.contiguous(), c_r, c_z, c_n, r)
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
+                  hw: Tensor | None = None) -> Lin:
+        """``d = z``, ``C_n = (1 - z)(1 - n^2)``, ``C_r = C_n h_n r (1 - r)``,
+        ``C_z = (h - n) z (1 - z)``; ``dt`` is ignored."""
+        rz, n, hn = self._gates(xw, s_prev, hw)
+        z = rz[..., self.hidden_size:]
+        one_minus_z = torch.rsub(z, 1.0)
+        c_n = torch.mul(n, n).mul_(one_minus_z).neg_().add_(one_minus_z)
+        return self._lin(z.contiguous(), rz, n, hn, c_n, torch.sub(s_prev, n))
 
 
 class RNNCell(RecurrentCell):
@@ -318,29 +365,35 @@ class RNNCell(RecurrentCell):
     gates = 1
 
     @torch.no_grad()
-    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
+             out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
-        return self.hidden_projection(s).add_(xw_t).tanh_()
+        hw = self.hidden_projection(s, hw_out)
+        return torch.add(hw, xw_t, out=out).tanh_()
 
     def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
         """Differentiable step with plain torch ops; ``dt`` is ignored."""
         return torch.tanh(xw_t + self.hidden_projection(s))
 
     @torch.no_grad()
-    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
+                  hw: Tensor | None = None) -> Lin:
         """``lin = (1 - h_new^2,)``."""
-        h_new = self.step(xw, s_prev)
+        h_new = torch.add(self._projection(s_prev, hw, None), xw).tanh_()
         return (h_new.mul_(h_new).neg_().add_(1.0),)
 
     @torch.no_grad()
-    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
+    def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``dL/dh_prev = (g (.) (1 - h_new^2)) W_hh``."""
-        return torch.matmul(g * lin[0], self.weight_hh)
+        g_pre = torch.mul(g, lin[0])
+        if acc is None:
+            return torch.matmul(g_pre, self.weight_hh)
+        return _addmm_into(acc, g_pre, self.weight_hh)
 
     @torch.no_grad()
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``g_xw = g_hw = g (.) (1 - h_new^2)`` (the same tensor, twice)."""
-        g_pre = g * lin[0]
+        g_pre = torch.mul(g, lin[0])
         return g_pre, g_pre
 
 
@@ -354,22 +407,24 @@ class LSTMCell(RecurrentCell):
     gates = 4
     state_factor = 2
 
-    def _activations(self, xw: Tensor, h: Tensor) -> Tensor:
+    def _activations(self, xw: Tensor, h: Tensor, hw: Tensor | None = None,
+                     hw_out: Tensor | None = None) -> Tensor:
         """Activated gates ``[.., 4H]`` (i, f, g, o) on a fresh buffer."""
         H = self.hidden_size
-        act = self.hidden_projection(h).add_(xw)
+        act = torch.add(self._projection(h, hw, hw_out), xw)
         act[..., : 2 * H].sigmoid_()
         act[..., 2 * H: 3 * H].tanh_()
         act[..., 3 * H:].sigmoid_()
         return act
 
     @torch.no_grad()
-    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
+    def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
+             out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
         H = self.hidden_size
-        act = self._activations(xw_t, s[..., :H])
-        i, f, g, o = act.chunk(4, -1)
-        out = torch.empty_like(s)
+        i, f, g, o = self._activations(xw_t, s[..., :H], hw_out=hw_out).chunk(4, -1)
+        if out is None:
+            out = torch.empty_like(s)
         c_new = out[..., H:]
         torch.mul(f, s[..., H:], out=c_new).addcmul_(i, g)
         torch.tanh(c_new, out=out[..., :H]).mul_(o)
@@ -391,23 +446,26 @@ class LSTMCell(RecurrentCell):
         return out[..., : self.hidden_size], out[..., self.hidden_size:]
 
     @torch.no_grad()
-    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0) -> Lin:
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
+                  hw: Tensor | None = None) -> Lin:
         """``lin = (K, C3, C_o, f)`` with ``K = o (1 - tanh(c_new)^2)``,
         ``C3 = [g i (1-i), c f (1-f), i (1 - g^2)]``,
         ``C_o = tanh(c_new) o (1 - o)``; then ``dc = g_c + g_h K``,
-        ``g_pre = [dc C3, g_h C_o]``, ``g_c_prev = dc f``."""
+        ``g_pre = [dc C3, g_h C_o]``, ``g_c_prev = dc f``; ``dt`` is ignored."""
         H = self.hidden_size
         c = s_prev[..., H:]
-        act = self._activations(xw, s_prev[..., :H])
-        i, f, g, o = act.chunk(4, -1)
+        i, f, g, o = self._activations(xw, s_prev[..., :H], hw).chunk(4, -1)
         tc = torch.mul(f, c).addcmul_(i, g).tanh_()
         k = torch.mul(tc, tc).neg_().add_(1.0).mul_(o)
-        c3 = torch.stack((g * i * (1.0 - i), c * f * (1.0 - f),
-                          i * (1.0 - g * g)), dim=-2)
-        c_o = tc.mul_(o).mul_(1.0 - o)
+        c3 = torch.empty(*tc.shape[:-1], 3, H, dtype=tc.dtype, device=tc.device)
+        torch.mul(i, i, out=c3[..., 0, :]).neg_().add_(i).mul_(g)    # i (1 - i) g
+        torch.mul(f, f, out=c3[..., 1, :]).neg_().add_(f).mul_(c)    # f (1 - f) c
+        torch.mul(g, g, out=c3[..., 2, :]).neg_().add_(1.0).mul_(i)
+        c_o = tc.mul_(o).mul_(torch.rsub(o, 1.0))
         return k, c3, c_o, f.contiguous()
 
     def _g_pre(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g_pre [.., 4H], dc [.., H])`` for ``g = [g_h | g_c]``."""
         H = self.hidden_size
         k, c3, c_o, _ = lin
         g_h = g[..., :H]
@@ -419,14 +477,21 @@ class LSTMCell(RecurrentCell):
         return g_pre, dc
 
     @torch.no_grad()
-    def vjp_state(self, lin: Lin, g: Tensor) -> Tensor:
+    def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``[g_h_prev | g_c_prev] = [g_pre W_hh | dc (.) f]``."""
         H = self.hidden_size
         g_pre, dc = self._g_pre(lin, g)
-        out = torch.empty_like(g)
-        torch.mul(dc, lin[3], out=out[..., H:])
-        torch.matmul(g_pre, self.weight_hh, out=out[..., :H])
-        return out
+        if acc is None:
+            acc = torch.empty_like(g)
+            torch.mul(dc, lin[3], out=acc[..., H:])
+            torch.matmul(g_pre, self.weight_hh, out=acc[..., :H])
+            return acc
+        acc[..., H:].addcmul_(dc, lin[3])
+        if acc.dim() == 2:
+            acc[:, :H].addmm_(g_pre, self.weight_hh)
+        else:
+            acc[..., :H].add_(torch.matmul(g_pre, self.weight_hh))
+        return acc
 
     @torch.no_grad()
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
