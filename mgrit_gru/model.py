@@ -159,41 +159,69 @@ class _Workspace(threading.local):
                 self.free[role] = buf
 
 
+@contextlib.contextmanager
+def _bound(cell: RecurrentCell, params: dict[str, Tensor]):
+    """Make ``cell`` use ``params`` for the block (no-op when they are its own).
+
+    The autograd function saves the parameter tensors its forward used; a
+    backward that runs after e.g. ``torch.func.functional_call`` has restored
+    the module must still differentiate with those tensors.
+    """
+    old = {name: cell._parameters[name] for name in params}
+    if all(old[name] is p for name, p in params.items()):
+        yield
+        return
+    cell._parameters.update(params)
+    try:
+        yield
+    finally:
+        cell._parameters.update(old)
+
+
+def _sweep(cell: RecurrentCell, x: Tensor, steps: int, dt: float, work: _Workspace):
+    """Forward sweep into pooled buffers: ``(bufs, x_tm, xw, hw, states)``."""
+    B = x.shape[0]
+    kw = {"dtype": x.dtype, "device": x.device}
+    bufs = {}
+
+    def take(role, *shape):
+        bufs[role], view = work.take(role, shape, **kw)
+        return view
+
+    gh = cell.gates * cell.hidden_size
+    x_tm = take("x", steps, B, cell.input_size)
+    x_tm.copy_(x[:, :steps].transpose(0, 1))
+    xw = cell.input_projection(x_tm, out=take("xw", steps, B, gh))
+    hw = take("hw", steps, B, gh)
+    states = take("states", steps + 1, B, cell.state_size)
+    states[0].zero_()
+    for t in range(steps):
+        cell.step(xw[t], states[t], dt, out=states[t + 1], hw_out=hw[t])
+    return bufs, x_tm, xw, hw, states
+
+
 class _SerialFunction(torch.autograd.Function):
     """Serial sweep with hand-written VJPs.
 
     Forward: one input-projection GEMM, then the step loop writing states and
-    hidden projections into preallocated ``[T, ...]`` buffers. Backward, over
-    time chunks from the end: ``linearize`` the chunk in one call, sweep it
-    with ``vjp_state``, then ``vjp_proj`` and the parameter gradients of the
-    whole chunk in a few GEMMs.
+    hidden projections into pooled ``[T, ...]`` buffers. Backward, over time
+    chunks from the end: ``linearize`` the chunk in one call, sweep it with
+    ``vjp_state``, then ``vjp_proj`` and the parameter gradients of the whole
+    chunk in a few GEMMs. The buffers go back to the pool after the first
+    backward; a repeated backward (``retain_graph``) recomputes the sweep.
     """
 
     @staticmethod
     def forward(ctx, cell, x, lengths, steps, pooling, opts, *params):
         dt, chunk, flush, work = opts
-        B = x.shape[0]
-        kw = {"dtype": x.dtype, "device": x.device}
-        bufs = {}
-
-        def take(role, *shape):
-            bufs[role], view = work.take(role, shape, **kw)
-            return view
-
         with _flushing_denormals(flush):
-            x_tm = take("x", steps, B, cell.input_size)
-            x_tm.copy_(x[:, :steps].transpose(0, 1))
-            xw = cell.input_projection(x_tm, out=take("xw", steps, B, cell.gates * cell.hidden_size))
-            hw = take("hw", steps, B, cell.gates * cell.hidden_size)
-            states = take("states", steps + 1, B, cell.state_size)
-            states[0].zero_()
-            for t in range(steps):
-                cell.step(xw[t], states[t], dt, out=states[t + 1], hw_out=hw[t])
+            bufs, x_tm, xw, hw, states = _sweep(cell, x, steps, dt, work)
             features = _pool(cell.hidden(states[1:]), lengths, pooling)
         if any(ctx.needs_input_grad):
-            ctx.cell, ctx.pooling, ctx.opts, ctx.T = cell, pooling, opts, x.shape[1]
-            ctx.lengths, ctx.bufs = lengths, bufs
-            ctx.x_tm, ctx.xw, ctx.hw, ctx.states = x_tm, xw, hw, states
+            ctx.save_for_backward(x, *params)
+            ctx.cell, ctx.lengths, ctx.steps, ctx.pooling, ctx.opts = \
+                cell, lengths, steps, pooling, opts
+            ctx.sweep = bufs, x_tm, xw, hw, states
         else:
             work.give(bufs)
         return features
@@ -201,36 +229,37 @@ class _SerialFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_feat):
-        if ctx.bufs is None:
-            raise RuntimeError("SerialPropagator: the saved sweep was already used by a "
-                               "backward pass (retain_graph is not supported)")
         dt, chunk, flush, work = ctx.opts
-        with _flushing_denormals(flush):
-            grads, g_x = _serial_backward(ctx, g_feat.contiguous(), dt, chunk)
-        ctx.x_tm = ctx.xw = ctx.hw = ctx.states = None
-        work.give(ctx.bufs)
-        ctx.bufs = None
+        x, *params = ctx.saved_tensors
+        cell = ctx.cell
+        with _bound(cell, dict(zip(_param_names(cell), params))), _flushing_denormals(flush):
+            if ctx.sweep is None:
+                ctx.sweep = _sweep(cell, x, ctx.steps, dt, work)
+            bufs, *sweep = ctx.sweep
+            ctx.sweep = None
+            grads, g_x = _serial_backward(ctx, cell, *sweep, g_feat.contiguous(), dt, chunk, bufs)
+        work.give(bufs)
         return (None, g_x, None, None, None, None,
-                *(grads[name] for name in _param_names(ctx.cell)))
+                *(grads[name] for name in _param_names(cell)))
 
 
-def _serial_backward(ctx, g_feat: Tensor, dt: float, chunk: int):
+def _serial_backward(ctx, cell, x_tm, xw, hw, states, g_feat, dt, chunk, bufs):
     """Reverse sweep of :class:`_SerialFunction`: ``(param grads, dL/dx or None)``."""
-    cell, lengths = ctx.cell, ctx.lengths
-    x_tm, xw, hw, states = ctx.x_tm, ctx.xw, ctx.hw, ctx.states
+    lengths = ctx.lengths
     steps, B = xw.shape[0], xw.shape[1]
     H = cell.hidden_size
 
     # lam[t] = dL/ds_{t+1}, initialised with the loss source terms.
-    ctx.bufs["lam"], lam = ctx.opts[3].take("lam", (steps, B, cell.state_size),
-                                            xw.dtype, xw.device)
+    bufs["lam"], lam = ctx.opts[3].take("lam", (steps, B, cell.state_size), xw.dtype, xw.device)
     lam.zero_()
     if ctx.pooling == "last":
         lam[lengths.to(xw.device) - 1, torch.arange(B, device=xw.device), :H] = g_feat
     else:
         torch.mul(_mean_weights(lengths, steps, xw), g_feat, out=lam[..., :H])
 
-    g_x = xw.new_zeros(B, ctx.T, cell.input_size) if ctx.needs_input_grad[1] else None
+    g_x = None
+    if ctx.needs_input_grad[1]:
+        g_x = xw.new_zeros(B, ctx.saved_tensors[0].shape[1], cell.input_size)
     grads = None
     for stop in range(steps, 0, -chunk):
         start = max(stop - chunk, 0)
