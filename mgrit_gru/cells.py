@@ -47,6 +47,7 @@ accept and ignore it. The functional methods never record autograd graphs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -68,6 +69,18 @@ __all__ = [
 
 Lin = tuple[Tensor, ...]
 Dt = float | Tensor
+
+
+def _no_autograd(fn):
+    """Run ``fn`` with autograd off; cheaper than ``torch.no_grad()`` as a
+    decorator when grad mode is already off (the hot loops)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def select_lin(lin: Lin, index) -> Lin:
@@ -186,7 +199,7 @@ class RecurrentCell(nn.Module):
         """``hw`` as given, else computed (into ``hw_out`` when given)."""
         return self.hidden_projection(h, hw_out) if hw is None else hw
 
-    @torch.no_grad()
+    @_no_autograd
     def param_grads(self, x: Tensor, s_prev: Tensor, g_xw: Tensor,
                     g_hw: Tensor) -> dict[str, Tensor]:
         """Parameter gradients summed over all leading dims.
@@ -205,7 +218,7 @@ class RecurrentCell(nn.Module):
             grads["bias_hh"] = gh.sum(0)
         return grads
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp(self, xw_t: Tensor, s: Tensor, g: Tensor, dt: Dt = 1.0):
         """Convenience: ``(g_s_prev, g_xw, g_hw)`` for one (batched) step."""
         lin = self.linearize(xw_t, s, dt)
@@ -263,7 +276,7 @@ class _GRUFamily(RecurrentCell):
         torch.mul(c_n, r, out=chw[..., 2, :])
         return direct, chw, c_n
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``dL/dh_prev = g (.) d + (g (.) Chw) W_hh`` (2 elementwise ops + 1 GEMM)."""
         direct, chw, _ = lin
@@ -274,7 +287,7 @@ class _GRUFamily(RecurrentCell):
             acc.addcmul_(g, direct)
         return _addmm_into(acc, g_hw, self.weight_hh)
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``(dL/dxw, dL/dhw)``: they differ only in the n block."""
         _, chw, c_n = lin
@@ -293,7 +306,7 @@ class ImplicitGRUCell(_GRUFamily):
     combination of ``h`` and ``n``, so ``|h_new| <= max(|h|, 1)``.
     """
 
-    @torch.no_grad()
+    @_no_autograd
     def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
              out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd: ``h_new = n + q (h - n)``, ``q = 1/(1+a)``."""
@@ -311,7 +324,7 @@ class ImplicitGRUCell(_GRUFamily):
         a = dt * (1 - z)
         return (s + a * n) / (1 + a)
 
-    @torch.no_grad()
+    @_no_autograd
     def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
                   hw: Tensor | None = None) -> Lin:
         """Jacobian coefficients of the step at ``s_prev`` (any leading dims).
@@ -331,7 +344,7 @@ class ImplicitGRUCell(_GRUFamily):
 class GRUCell(_GRUFamily):
     """Classic GRU cell (torch's equations): ``h_new = z h + (1 - z) n``."""
 
-    @torch.no_grad()
+    @_no_autograd
     def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
              out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
@@ -347,7 +360,7 @@ class GRUCell(_GRUFamily):
         n = torch.tanh(x_n + r * h_n)
         return z * s + (1 - z) * n
 
-    @torch.no_grad()
+    @_no_autograd
     def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
                   hw: Tensor | None = None) -> Lin:
         """``d = z``, ``C_n = (1 - z)(1 - n^2)``, ``C_r = C_n h_n r (1 - r)``,
@@ -364,7 +377,7 @@ class RNNCell(RecurrentCell):
 
     gates = 1
 
-    @torch.no_grad()
+    @_no_autograd
     def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
              out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
@@ -375,14 +388,14 @@ class RNNCell(RecurrentCell):
         """Differentiable step with plain torch ops; ``dt`` is ignored."""
         return torch.tanh(xw_t + self.hidden_projection(s))
 
-    @torch.no_grad()
+    @_no_autograd
     def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
                   hw: Tensor | None = None) -> Lin:
         """``lin = (1 - h_new^2,)``."""
         h_new = torch.add(self._projection(s_prev, hw, None), xw).tanh_()
         return (h_new.mul_(h_new).neg_().add_(1.0),)
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``dL/dh_prev = (g (.) (1 - h_new^2)) W_hh``."""
         g_pre = torch.mul(g, lin[0])
@@ -390,7 +403,7 @@ class RNNCell(RecurrentCell):
             return torch.matmul(g_pre, self.weight_hh)
         return _addmm_into(acc, g_pre, self.weight_hh)
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``g_xw = g_hw = g (.) (1 - h_new^2)`` (the same tensor, twice)."""
         g_pre = torch.mul(g, lin[0])
@@ -417,7 +430,7 @@ class LSTMCell(RecurrentCell):
         act[..., 3 * H:].sigmoid_()
         return act
 
-    @torch.no_grad()
+    @_no_autograd
     def step(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0, *,
              out: Tensor | None = None, hw_out: Tensor | None = None) -> Tensor:
         """One step without autograd; ``dt`` is ignored."""
@@ -445,7 +458,7 @@ class LSTMCell(RecurrentCell):
         out = super().forward(input, s, dt)
         return out[..., : self.hidden_size], out[..., self.hidden_size:]
 
-    @torch.no_grad()
+    @_no_autograd
     def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
                   hw: Tensor | None = None) -> Lin:
         """``lin = (K, C3, C_o, f)`` with ``K = o (1 - tanh(c_new)^2)``,
@@ -476,7 +489,7 @@ class LSTMCell(RecurrentCell):
         torch.mul(c_o, g_h, out=g_pre4[..., 3, :])
         return g_pre, dc
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``[g_h_prev | g_c_prev] = [g_pre W_hh | dc (.) f]``."""
         H = self.hidden_size
@@ -493,7 +506,7 @@ class LSTMCell(RecurrentCell):
             acc[..., :H].add_(torch.matmul(g_pre, self.weight_hh))
         return acc
 
-    @torch.no_grad()
+    @_no_autograd
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``g_xw = g_hw = g_pre`` (the same tensor, twice)."""
         g_pre, _ = self._g_pre(lin, g)

@@ -31,6 +31,7 @@ from mgrit_gru.errors import InputError
 __all__ = ["AutogradPropagator", "POOLINGS", "SequenceClassifier", "SerialPropagator"]
 
 POOLINGS = ("last", "mean")
+CHUNK_VALUES = 80_000       # hidden values per linearised chunk (measured, see SerialPropagator)
 
 
 def _check_dt(dt) -> float:
@@ -284,8 +285,11 @@ class SerialPropagator:
     Gradients flow to the cell's parameters and to ``x``; the padded steps past
     ``max(lengths)`` are never computed.
 
-    ``chunk``: time steps linearised per call in the backward (``None``: the
-    whole sequence at once); chunks keep the coefficient tensors in cache.
+    ``chunk``: time steps linearised per call in the backward. ``None`` picks
+    about ``CHUNK_VALUES / (batch * hidden)`` steps, so that a chunk's
+    coefficient tensors stay in cache (8 steps at batch 100, hidden 100; one
+    call for the whole sequence is about 1.5x slower there, see
+    docs/performance.md).
     ``flush_denormals``: flush float32 subnormals (``< 1.2e-38``) to zero on
     the calling thread while the propagator runs, and restore the previous
     mode afterwards. Adjoints decay through long sequences and subnormal
@@ -293,7 +297,7 @@ class SerialPropagator:
     float32 resolution of any gradient they would be added to.
     """
 
-    def __init__(self, dt: float = 1.0, chunk: int | None = 32,
+    def __init__(self, dt: float = 1.0, chunk: int | None = None,
                  flush_denormals: bool = True) -> None:
         self.dt = _check_dt(dt)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
@@ -308,7 +312,8 @@ class SerialPropagator:
         """Pooled hidden states ``[B, H]`` of the batch ``x [B, T, D]``."""
         lengths, steps = _check_inputs(cell, x, lengths, pooling)
         params = [getattr(cell, name) for name in _param_names(cell)]
-        opts = (self.dt, steps if self.chunk is None else self.chunk, self.flush_denormals,
+        chunk = self.chunk or max(1, CHUNK_VALUES // (x.shape[0] * cell.hidden_size))
+        opts = (self.dt, chunk, self.flush_denormals,
                 self._work)
         return _SerialFunction.apply(cell, x, lengths, steps, pooling, opts, *params)
 

@@ -272,3 +272,15 @@ def test_hand_vjp_gradcheck(name, dt):
         return functional_call(module, dict(zip(names, ps)), (x, s))
 
     assert torch.autograd.gradcheck(f, (x, s, *params))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_functional_api_records_no_graph(name):
+    cell = make_cell(name, 3, 4)
+    x, s = torch.randn(2, 3), _state(cell, 2, dtype=torch.float32)
+    xw = cell.input_projection(x).detach()
+    lin = cell.linearize(xw, s)
+    outs = [cell.step(xw, s), cell.vjp_state(lin, s), *cell.vjp_proj(lin, s), *lin,
+            *cell.param_grads(x, s, *cell.vjp_proj(lin, s)).values()]
+    assert torch.is_grad_enabled()
+    assert not any(t.requires_grad for t in outs)

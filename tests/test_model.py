@@ -35,7 +35,7 @@ def test_serial_equals_autograd(name, dt, pooling):
     x = torch.randn(5, 9, 3, dtype=F64)
     g = torch.randn(5, 4, dtype=F64)
     ref, ref_grads = _grads(cell, AutogradPropagator(dt), x, LENGTHS, pooling, g)
-    for chunk in (None, 1, 4):
+    for chunk in (None, 1, 4, 100):                     # auto, step by step, .., all
         feats, grads = _grads(cell, SerialPropagator(dt, chunk=chunk), x, LENGTHS, pooling, g)
         torch.testing.assert_close(feats, ref, rtol=0, atol=1e-12)
         for a, b in zip(grads, ref_grads):
