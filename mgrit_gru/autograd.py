@@ -35,7 +35,7 @@ from mgrit_gru.cells import RecurrentCell, select_lin
 from mgrit_gru.comm import Comm
 from mgrit_gru.errors import InputError
 from mgrit_gru.mgrit import MGRIT, MGRITSettings, SolveInfo
-from mgrit_gru.model import _check_inputs, _mean_weights, _param_names
+from mgrit_gru.model import _check_inputs, _flushing_denormals, _mean_weights, _param_names
 
 __all__ = ["GRUAdjointStepper", "GRUForwardStepper", "MGRITOptions", "MGRITPropagator"]
 
@@ -82,8 +82,7 @@ class GRUForwardStepper:
         self.dtype = xw.dtype
 
     def step(self, u, t_from, t_to, level, out):
-        xw_t = self.xw[t_to - 1 - self.first_input]
-        return out.copy_(self.cell.step(xw_t, u, float(t_to - t_from)))
+        return self.cell.step(self.xw[t_to - 1 - self.first_input], u, float(t_to - t_from), out=out)
 
 
 class GRUAdjointStepper:
@@ -169,7 +168,8 @@ class _MGRITFunction(torch.autograd.Function):
             pos = t_idx >= 1
             src[pos, :, :H] = w[t_idx[pos] - 1] * g_feat
         bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
-        with torch.no_grad():
+        # adjoints decay through long sequences: float32 subnormals would make every step slow
+        with torch.no_grad(), _flushing_denormals(h.dtype == torch.float32):
             adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B)
             bwd_solver.stepper = adj
             # solver rows run in reversed time: row k is forward point hi-1-k
@@ -252,7 +252,8 @@ class MGRITPropagator:
         x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
         xw = cell.input_projection(x_tm)
         solver.stepper = GRUForwardStepper(cell, xw, first_input, x.shape[0])
-        h, info = solver.solve()
+        with _flushing_denormals(x.dtype == torch.float32):
+            h, info = solver.solve()
         self._record("fwd", info)
         return lo, hi, first_input, x_tm, xw, h
 
