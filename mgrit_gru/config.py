@@ -71,7 +71,7 @@ class TrainConfig:
                      "'mgrit-gru datasets') or a path to an HDF5 file")
     cell: str = _opt("implicit-gru", "recurrent cell", choices=CELLS)
     hidden: int = _opt(32, "hidden size")
-    pooling: str = _opt("last", "features fed to the classifier head: the "
+    pooling: str = _opt("mean", "features fed to the classifier head: the "
                         "last hidden state or the mean over time",
                         choices=POOLINGS)
     dtype: str = _opt("float32", "floating-point type of the model and data",
@@ -83,7 +83,7 @@ class TrainConfig:
     max_len: int | None = _opt(None, "cut sequences to at most this many time "
                                "steps", kind="int")
     # optimisation
-    epochs: int = _opt(10, "number of epochs")
+    epochs: int = _opt(20, "number of epochs")
     batch_size: int = _opt(32, "minibatch size (global, over all data groups)")
     lr: float = _opt(0.01, "learning rate")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)

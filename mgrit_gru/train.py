@@ -45,6 +45,10 @@ from mgrit_gru.data import DEFAULT_DATASET, Dataset, Split, batch_indices, load_
 from mgrit_gru.errors import InputError
 from mgrit_gru.strategies import make_strategy
 
+#: Smallest minibatch of the evaluation (no gradients are kept, and larger
+#: batches amortise the per-step overhead of the recurrence).
+EVAL_BATCH = 256
+
 #: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
 MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
 
@@ -491,7 +495,7 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 tic = time.perf_counter()
                 record.update(evaluate(model, test_data, dataset.num_classes,
-                                       config.batch_size, data_comm))
+                                       max(config.batch_size, EVAL_BATCH), data_comm))
                 record["eval_seconds"] = time.perf_counter() - tic
             else:
                 record.update(dict.fromkeys(("test_loss", "test_accuracy", "test_precision",
