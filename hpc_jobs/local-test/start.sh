@@ -10,6 +10,13 @@ for exe in munged slurmctld slurmd scontrol; do
     command -v "$exe" >/dev/null || { echo "start.sh: $exe not found (apt-get install slurm-wlm)" >&2; exit 2; }
 done
 
+for pidfile in /run/slurm-local/slurmctld.pid /run/slurm-local/slurmd.pid; do
+    if [[ -s "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        echo "start.sh: already running ($pidfile); stop.sh first" >&2
+        exit 1
+    fi
+done
+
 host="$(hostname -s)"
 # This node's line as slurmd itself sees it (CPUs, sockets, cores, memory).
 node_line="$(slurmd -C | head -n 1 | sed -E 's/ RealMemory=[0-9]+//') RealMemory=4000 State=UNKNOWN"
