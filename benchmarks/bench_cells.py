@@ -19,6 +19,9 @@ One torch thread. Two parts:
   slower; ``SerialPropagator`` flushes subnormals by default, so the table
   also has it without flushing and torch.nn.GRU with flushing.
 
+``--chunks 0,8,32`` adds SerialPropagator variants with those backward
+chunk sizes (0: the whole sequence linearised in one call) to the rounds.
+
 Wall time and process CPU time are both recorded. The machine's CPU use is
 read from /proc/stat before and after each part; when other processes used
 more than ``--max-foreign-load`` of the machine, ``load_warning`` says so
@@ -78,17 +81,20 @@ class LoadMeter:
 
 
 # ----------------------------------------------------------------- per step
-def _per_call_us(fn, calls: int, rounds: int = 5) -> float:
-    """Median over ``rounds`` of the mean time per call (µs), after warm-up."""
-    for _ in range(max(3, calls // 10)):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def _per_call_us(fns: dict, calls: int, rounds: int = 5) -> dict[str, float]:
+    """Median over interleaved ``rounds`` of the mean time per call (µs) of
+    each function (A B C .., A B C .., ...), after a warm-up."""
+    for fn in fns.values():
+        for _ in range(max(3, calls // 10)):
             fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def bench_steps(batch: int, hidden: int, inputs: list[int], calls: int) -> list[dict]:
@@ -97,31 +103,25 @@ def bench_steps(batch: int, hidden: int, inputs: list[int], calls: int) -> list[
     for D in inputs:
         x = torch.randn(batch, D)
         for name in ("implicit-gru", "gru", "lstm", "rnn"):
-            cell = make_cell(name, D, hidden)
+            cell = make_cell(name, D, hidden).requires_grad_(False)   # no graphs, as under no_grad
             S, GH = cell.state_size, cell.gates * hidden
             s = 0.5 * torch.randn(batch, S)
             g = torch.randn(batch, S)
             out, hw = torch.empty(batch, S), torch.empty(batch, GH)
-            with torch.no_grad():
-                xw = cell.input_projection(x)
+            xw = cell.input_projection(x)
 
-                def step():
-                    cell.step(xw, s, 1.0, out=out, hw_out=hw)
+            def step():
+                cell.step(xw, s, 1.0, out=out, hw_out=hw)
 
-                def step_proj():
-                    cell.step(cell.input_projection(x), s, 1.0, out=out, hw_out=hw)
+            def step_proj():
+                cell.step(cell.input_projection(x), s, 1.0, out=out, hw_out=hw)
 
-                def step_vjp():
-                    xw_ = cell.input_projection(x)
-                    cell.step(xw_, s, 1.0, out=out, hw_out=hw)
-                    lin = cell.linearize(xw_, s, 1.0, hw=hw)
-                    cell.vjp_state(lin, g)
-                    cell.param_grads(x, s, *cell.vjp_proj(lin, g))
-
-                row = {"cell": name, "input_size": D, "batch": batch, "hidden": hidden,
-                       "step_us": _per_call_us(step, calls),
-                       "step_with_projection_us": _per_call_us(step_proj, calls),
-                       "step_vjp_us": _per_call_us(step_vjp, calls)}
+            def step_vjp():
+                xw_ = cell.input_projection(x)
+                cell.step(xw_, s, 1.0, out=out, hw_out=hw)
+                lin = cell.linearize(xw_, s, 1.0, hw=hw)
+                cell.vjp_state(lin, g)
+                cell.param_grads(x, s, *cell.vjp_proj(lin, g))
 
             ref = TORCH_CELLS[name](D, hidden)
             h = (0.5 * torch.randn(batch, hidden)).requires_grad_()
@@ -136,9 +136,11 @@ def bench_steps(batch: int, hidden: int, inputs: list[int], calls: int) -> list[
                 o = ref(x, hx)
                 (o[0] if name == "lstm" else o).backward(gh)
 
-            row["torch_cell"] = type(ref).__name__
-            row["torch_step_us"] = _per_call_us(torch_fwd, calls)
-            row["torch_step_vjp_us"] = _per_call_us(torch_fwd_bwd, calls)
+            times = _per_call_us({"step_us": step, "step_with_projection_us": step_proj,
+                                  "step_vjp_us": step_vjp, "torch_step_us": torch_fwd,
+                                  "torch_step_vjp_us": torch_fwd_bwd}, calls)
+            row = {"cell": name, "input_size": D, "batch": batch, "hidden": hidden,
+                   "torch_cell": type(ref).__name__, **times}
             row["ratio_step"] = row["step_with_projection_us"] / row["torch_step_us"]
             row["ratio_step_vjp"] = row["step_vjp_us"] / row["torch_step_vjp_us"]
             rows.append(row)
@@ -150,7 +152,8 @@ def bench_steps(batch: int, hidden: int, inputs: list[int], calls: int) -> list[
 
 
 # ------------------------------------------------------------- whole sequence
-def bench_sequence(length: int, batch: int, D: int, hidden: int, repeats: int) -> dict:
+def bench_sequence(length: int, batch: int, D: int, hidden: int, repeats: int,
+                   chunks: list[int]) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, length, D)
     g = torch.randn(batch, hidden)
@@ -181,6 +184,9 @@ def bench_sequence(length: int, batch: int, D: int, hidden: int, repeats: int) -
         "serial_no_flush": lambda: run_serial(serial_nf),
         "torch_gru_flushed": run_torch_flushed,
     }
+    for k in chunks:                                  # optional chunk-size sweep (0: all steps)
+        prop = SerialPropagator(chunk=k or length)
+        variants[f"serial_chunk{k}"] = lambda prop=prop: run_serial(prop)
     for fn in variants.values():                      # warm-up (and buffer pool)
         fn()
     wall = {k: [] for k in variants}
@@ -218,19 +224,27 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--hidden", type=int, default=100)
     ap.add_argument("--calls", type=int, default=200, help="calls per per-step sample")
+    ap.add_argument("--chunks", default="",
+                    help="comma-separated backward chunk sizes to add to the sequence rounds "
+                         "(0: the whole sequence in one linearize call)")
+    ap.add_argument("--skip-steps", action="store_true", help="only the whole-sequence part")
     ap.add_argument("--max-foreign-load", type=float, default=0.25,
                     help="machine fraction used by other processes that triggers load_warning")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    print("per step:", flush=True)
-    with LoadMeter() as m_step:
-        steps = bench_steps(args.batch, args.hidden, [9, 1000], args.calls)
+    chunks = [int(k) for k in args.chunks.split(",") if k.strip()]
+    foreign, steps = {}, None
+    if not args.skip_steps:
+        print("per step:", flush=True)
+        with LoadMeter() as meter:
+            steps = bench_steps(args.batch, args.hidden, [9, 1000], args.calls)
+        foreign["per_step"] = meter.foreign
     print(f"whole sequence (L={args.length}):", flush=True)
-    with LoadMeter() as m_seq:
-        seq = bench_sequence(args.length, args.batch, 9, args.hidden, args.repeats)
+    with LoadMeter() as meter:
+        seq = bench_sequence(args.length, args.batch, 9, args.hidden, args.repeats, chunks)
+    foreign["sequence"] = meter.foreign
 
-    foreign = {"per_step": m_step.foreign, "sequence": m_seq.foreign}
     busy = {k: v for k, v in foreign.items() if v > args.max_foreign_load}
     warning = None
     if busy:
