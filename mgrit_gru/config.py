@@ -98,9 +98,9 @@ class TrainConfig:
     strategy: str = _opt("sequential", "data-parallel strategy inside a rank",
                          choices=STRATEGIES)
     workers: int = _opt(1, "workers (K) of the data-parallel strategy")
-    threads: int | None = _opt(None, "torch threads per rank (default: cores "
-                               "of the node // ranks on the node, at least 1)",
-                               kind="int")
+    threads: int = _opt(1, "torch threads per rank (the per-step operations are "
+                              "small: more threads rarely pay, and on a busy "
+                              "machine they cost up to 6x)")
     # MGRIT
     levels: int = _opt(3, "MGRIT levels")
     cfactor: int = _opt(4, "MGRIT coarsening factor")

@@ -111,22 +111,8 @@ def check_replicas(model: torch.nn.Module, comm: Comm) -> tuple[float, float]:
 # --------------------------------------------------------------------------- #
 # configuration resolved at run time
 # --------------------------------------------------------------------------- #
-def default_threads(comm: Comm) -> int:
-    """Cores of this node divided by the ranks of ``comm`` on this node (at
-    least 1, at most the cores this process may run on)."""
-    host = socket.gethostname()
-    local = sum(h == host for h in comm.allgather_object(host))
-    cores = os.cpu_count() or 1
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        allowed = cores
-    return max(1, min(allowed, cores // local))
-
-
 def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
-    """Fill in the options left to run time (``out``, ``threads``,
-    ``time_ranks``) and check the options against the communicator.
+    """Fill in the options left to run time (``out``, ``time_ranks``) and check the options against the communicator.
 
     The run folder is rank 0's choice, broadcast to every rank.
     """
@@ -140,8 +126,6 @@ def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
             out = f"runs/{stamp}-{config.cell}-{n}"
             n += 1
     changes["out"] = comm.bcast_object(out)
-    if config.threads is None:
-        changes["threads"] = default_threads(comm)
     time_ranks = config.time_ranks
     if time_ranks is None:
         time_ranks = comm.size if config.propagator == "mgrit" else 1
