@@ -18,8 +18,9 @@ Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
 ``docs/interfaces.md`` on one state tensor ``s [..., S]``, for any leading
 (batch, time, ...) dims:
 
-``input_projection(x)``
-    ``xw = x W_ih^T + b_ih`` (one matmul for a whole sequence).
+``input_projection(x, out=None)`` / ``hidden_projection(h, out=None)``
+    ``xw = x W_ih^T + b_ih`` (one matmul for a whole sequence) and
+    ``hw = h W_hh^T + b_hh``.
 ``step(xw_t, s, dt=1.0, *, out=None, hw_out=None)``
     one step, no autograd, fused in-place kernels on fresh buffers. ``out``
     receives the new state; ``hw_out`` receives the hidden projection

@@ -168,10 +168,10 @@ def _bound(cell: RecurrentCell, params: dict[str, Tensor]):
     backward that runs after e.g. ``torch.func.functional_call`` has restored
     the module must still differentiate with those tensors.
     """
-    old = {name: cell._parameters[name] for name in params}
-    if all(old[name] is p for name, p in params.items()):
+    if all(getattr(cell, name) is p for name, p in params.items()):
         yield
         return
+    old = {name: cell._parameters[name] for name in params}
     cell._parameters.update(params)
     try:
         yield
