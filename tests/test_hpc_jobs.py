@@ -380,6 +380,7 @@ def test_no_home_paths_or_accounts(tmp_path):
     ('[[grid]]\nranks = 2\nlevels = 0\n', ["levels"]),
     ('[[grid]]\ndata = "synthetic:8"\n', ["ranks"]),
     ('[[grid]]\nranks = 2\nout = "x"\n', ["out"]),
+    ('[[grid]]\ndata_groups = 2\ntime_ranks = 2\n', ["time_ranks", "mgrit"]),
 ])
 def test_generator_bad_input(tmp_path, snippet, words):
     sweep = tmp_path / "bad.toml"
@@ -503,8 +504,10 @@ def _slurm_up() -> bool:
 @pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller answers (scontrol ping)")
 def test_real_slurm_job():
     # under the repository (a shared file system on a cluster, unlike /tmp)
-    (ROOT / "runs").mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".pytest-slurm-", dir=ROOT / "runs"))
+    runs = ROOT / "runs"
+    made_runs = not runs.exists()
+    runs.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".pytest-slurm-", dir=runs))
     try:
         (work / "hpc_jobs").symlink_to(HPC)
         env = {**_clean_env(), "VENV": sys.prefix}
@@ -536,3 +539,5 @@ def test_real_slurm_job():
         assert len(metrics["epochs"]) == 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if made_runs and not any(runs.iterdir()):
+            runs.rmdir()
