@@ -7,7 +7,7 @@ A *propagator* maps ``(cell, x [B, T, D], lengths, pooling) -> features
   BPTT (the reference in tests);
 * :class:`SerialPropagator` -- plain loop of ``cell.step`` in the forward, the
   cells' hand-written VJPs in the backward (the default);
-* ``MGRITPropagator`` (``mgrit_gru.mgrit``) -- same signature, solved in
+* ``MGRITPropagator`` (``mgrit_gru.autograd``) -- same signature, solved in
   parallel in time.
 
 Pooling: ``"last"`` takes the hidden state at each sequence's own last step
@@ -288,13 +288,17 @@ class SerialPropagator:
     ``chunk``: time steps linearised per call in the backward. ``None`` picks
     about ``CHUNK_VALUES / (batch * hidden)`` steps, so that a chunk's
     coefficient tensors stay in cache (8 steps at batch 100, hidden 100; one
-    call for the whole sequence is about 1.5x slower there, see
+    call for the whole sequence is about 1.6x slower there, see
     docs/performance.md).
     ``flush_denormals``: flush float32 subnormals (``< 1.2e-38``) to zero on
     the calling thread while the propagator runs, and restore the previous
     mode afterwards. Adjoints decay through long sequences and subnormal
     arithmetic is many times slower on x86; the flushed values lie far below
     float32 resolution of any gradient they would be added to.
+
+    The sweep buffers (about ``T B (2 G H + 2 S + D)`` values: input and
+    hidden projections, states, adjoints, inputs) are kept per thread and
+    reused by the next call; they are freed with the propagator.
     """
 
     def __init__(self, dt: float = 1.0, chunk: int | None = None,
@@ -313,8 +317,7 @@ class SerialPropagator:
         lengths, steps = _check_inputs(cell, x, lengths, pooling)
         params = [getattr(cell, name) for name in _param_names(cell)]
         chunk = self.chunk or max(1, CHUNK_VALUES // (x.shape[0] * cell.hidden_size))
-        opts = (self.dt, chunk, self.flush_denormals,
-                self._work)
+        opts = (self.dt, chunk, self.flush_denormals, self._work)
         return _SerialFunction.apply(cell, x, lengths, steps, pooling, opts, *params)
 
     def __getstate__(self) -> dict:
