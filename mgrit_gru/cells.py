@@ -34,7 +34,8 @@ Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
 ``vjp_state(lin, g, *, acc=None)``
     ``dL/ds_prev`` from ``g = dL/ds_new``: a few elementwise ops and one
     matmul, cheap enough to apply many times to the same ``lin``. With ``acc``
-    the result is added into ``acc`` in place (and ``acc`` returned).
+    the result is added into ``acc`` in place (and ``acc`` returned; with more
+    than one leading dim ``acc`` must be contiguous).
 ``vjp_proj(lin, g) -> (g_xw, g_hw)``
     gradients with respect to ``xw`` and ``hw``.
 ``param_grads(x, s_prev, g_xw, g_hw)``
