@@ -8,7 +8,8 @@ stop() {  # stop NAME PIDFILE
     pid="$(cat "$2")"
     kill "$pid" 2>/dev/null || return 0
     for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || { echo "stopped $1 ($pid)"; return 0; }; sleep 0.5; done
-    echo "stop.sh: $1 ($pid) still running" >&2
+    # A daemon stuck on a failed job step ignores SIGTERM.
+    kill -9 "$pid" 2>/dev/null && echo "killed $1 ($pid) after 10 s"
 }
 stop slurmd /run/slurm-local/slurmd.pid
 stop slurmctld /run/slurm-local/slurmctld.pid
