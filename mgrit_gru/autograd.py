@@ -91,31 +91,40 @@ class GRUAdjointStepper:
     The step from solver point ``s-k`` to ``s`` maps ``lam`` at forward point
     ``t + k`` to forward point ``t = N - s``: the transposed Jacobian of the
     forward step ``t -> t + k`` (``dt = k``, input ``t + k - 1``) at the forward
-    state ``h_t``.  The owner of ``t`` computes it; all linearisations are made
-    once per level, batched over the rank's points, and reused by every
-    iteration.
+    state ``h_t``.  The owner of ``t`` computes it.  All linearisations are
+    made once, before the solve, in chunks of ``chunk`` steps (a whole chunk in
+    one call; small chunks keep the temporaries in cache), and reused by every
+    iteration.  ``fine_chunks`` keeps the level-0 chunks ``(t0, t1, lin)``
+    (steps ``t -> t+1``, ``t0 <= t < t1``) for the parameter gradients.
     """
 
     def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
-                 xw: Tensor, first_input: int, batch: int):
+                 xw: Tensor, first_input: int, batch: int, chunk: int = 16):
         self.cell = cell
         self.N = solver.N
         self.state_shape = (batch, cell.state_size)
         self.dtype = states.dtype
         self.lins: list[dict[int, tuple]] = []
-        self.fine = None   # (lin, t): the batched level-0 linearisation and its points t
+        self.fine_chunks: list[tuple[int, int, tuple]] = []
         for level in solver.levels:
             rng = solver.partition.range(level.index, solver.position)
-            js = [j for j in range(rng.lo, rng.hi) if j > 0]
             k = level.stride
-            t = torch.tensor([self.N - j * k for j in js], dtype=torch.long)
-            if not js:
-                self.lins.append({})
-                continue
-            lin = cell.linearize(xw[t + k - 1 - first_input], states[t - t_lo], float(k))
-            self.lins.append({j * k: select_lin(lin, i) for i, j in enumerate(js)})
-            if level.index == 0:
-                self.fine = (lin, t)
+            # forward start points t of this rank's steps on this level, ascending
+            ts = sorted(self.N - j * k for j in range(max(rng.lo, 1), rng.hi))
+            lins: dict[int, tuple] = {}
+            for c in range(0, len(ts), chunk):
+                tc = ts[c:c + chunk]
+                if k == 1:   # consecutive points: slices, no copies
+                    t0, t1 = tc[0], tc[-1] + 1
+                    lin = cell.linearize(xw[t0 - first_input:t1 - first_input],
+                                         states[t0 - t_lo:t1 - t_lo], 1.0)
+                    self.fine_chunks.append((t0, t1, lin))
+                else:
+                    t = torch.tensor(tc, dtype=torch.long)
+                    lin = cell.linearize(xw[t + k - 1 - first_input], states[t - t_lo], float(k))
+                for i, t_i in enumerate(tc):
+                    lins[self.N - t_i] = select_lin(lin, i)
+            self.lins.append(lins)
 
     def step(self, u, s_from, s_to, level, out):
         return out.copy_(self.cell.vjp_state(self.lins[level][s_to], u))
@@ -191,10 +200,10 @@ class _MGRITFunction(torch.autograd.Function):
             # the steps t -> t+1 owned here (t = lo..min(hi, N)-1) were linearised
             # for the adjoint's fine level: reuse them
             grads = {name: torch.zeros_like(getattr(cell, name)) for name in _param_names(cell)}
-            if adj.fine is not None:
-                lin, t = adj.fine
-                g_xw, g_hw = cell.vjp_proj(lin, lam_next[t - lo])
-                local = cell.param_grads(x_tm[t - first_input], h[t - lo], g_xw, g_hw)
+            for t0, t1, lin in adj.fine_chunks:
+                g_xw, g_hw = cell.vjp_proj(lin, lam_next[t0 - lo:t1 - lo])
+                local = cell.param_grads(x_tm[t0 - first_input:t1 - first_input],
+                                         h[t0 - lo:t1 - lo], g_xw, g_hw)
                 for name in grads:
                     grads[name] += local[name]
             flat = torch.cat([grads[name].reshape(-1) for name in grads])
