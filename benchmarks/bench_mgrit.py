@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import platform
 import statistics
 import subprocess
@@ -69,7 +70,8 @@ def worker(args) -> None:
             relax = tuple(args.relax.split(",")) if "," in args.relax else args.relax
             opts = MGRITOptions(levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,
                                 bwd_iters=args.bwd_iters, relax=relax,
-                                skip_first_relax=args.skip_first_relax)
+                                skip_first_relax=args.skip_first_relax,
+                                final_residual=not args.no_final_residual)
             model.propagator = MGRITPropagator(comm, opts)
 
         def batch():
@@ -115,26 +117,31 @@ def _run_one(kind, length, args):
            "--hidden", str(args.hidden), "--batch", str(args.batch),
            "--levels", str(args.levels), "--cfactor", str(args.cfactor),
            "--fwd-iters", str(args.fwd_iters), "--bwd-iters", str(args.bwd_iters),
-           "--relax", args.relax] + (["--skip-first-relax"] if args.skip_first_relax else [])
+           "--relax", args.relax] + (["--skip-first-relax"] if args.skip_first_relax else []) \
+        + (["--no-final-residual"] if args.no_final_residual else [])
     if kind == "mgrit2":
         mpiexec = str(Path(py).parent / "mpiexec")
         cmd = [mpiexec, "-n", "2"] + cmd
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT="900")
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, tot0 = _cpu_times()
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     wall = time.time() - t0
     busy1, tot1 = _cpu_times()
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode:
         raise SystemExit(f"benchmark worker failed ({' '.join(cmd)}):\n{p.stderr[-3000:]}")
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
-    # our processes use at most `ranks` cores; more busy time means someone else ran
+    # CPU time of the whole machine minus that of our own (waited-for) processes:
+    # what other processes took meanwhile, as a fraction of the machine
     ncpu = os.cpu_count() or 1
-    busy_frac = (busy1 - busy0) / max(tot1 - tot0, 1)
-    ours = (2 if kind == "mgrit2" else 1) / ncpu
-    res["machine_busy_fraction"] = busy_frac
-    res["foreign_load"] = max(0.0, busy_frac - ours)
+    hz = os.sysconf("SC_CLK_TCK")
+    ours = (ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime) * hz
+    total = max(tot1 - tot0, 1)
+    res["machine_busy_fraction"] = (busy1 - busy0) / total
+    res["foreign_load"] = max(0.0, (busy1 - busy0 - ours) / total)
     res["wall"] = wall
     return res
 
@@ -208,6 +215,7 @@ def main(argv=None):
         s.add_argument("--bwd-iters", type=int, default=1)
         s.add_argument("--relax", default="F,FCF", help="per level, comma separated")
         s.add_argument("--skip-first-relax", action="store_true", default=False)
+        s.add_argument("--no-final-residual", action="store_true", default=False)
     sub.choices["worker"].add_argument("--kind", choices=KINDS, required=True)
     sub.choices["worker"].add_argument("--length", type=int, required=True)
     run = sub.choices["run"]

@@ -50,7 +50,7 @@ class MGRITOptions:
     bwd_iters: int = 1
     fwd_tol: float = 0.0          # absolute; 0: run exactly fwd_iters
     bwd_tol: float = 0.0
-    relax: str | Sequence[str] = "FCF"
+    relax: str | Sequence[str] = ("F", "FCF")   # fine level F, coarse levels FCF
     skip_first_relax: bool = False
     cycle: str = "V"
     final_residual: bool = True   # the residual after the last iteration (N/m steps more)

@@ -110,11 +110,13 @@ class TrainConfig:
                           "fwd_iters iterations)")
     bwd_tol: float = _opt(0.0, "backward residual tolerance (0: run exactly "
                           "bwd_iters iterations)")
-    relax: str | tuple[str, ...] = _opt("FCF", "relaxation: F or FCF, or a "
+    relax: str | tuple[str, ...] = _opt(("F", "FCF"), "relaxation: F or FCF, or a "
                                         "comma-separated list per level from "
                                         "the finest (the last entry repeats)",
                                         kind="relax")
     cycle: str = _opt("V", "MGRIT cycle", choices=CYCLES)
+    final_residual: bool = _opt(True, "compute the MGRIT residual after the last "
+                                "iteration too (N/m more steps per solve)")
     skip_first_relax: bool = _opt(False, "skip the relaxation on the first "
                                   "down-cycle of each solve")
     # output

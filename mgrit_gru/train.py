@@ -156,6 +156,7 @@ def make_propagator(config: TrainConfig, time_comm: Comm):
                            fwd_iters=config.fwd_iters, bwd_iters=config.bwd_iters,
                            fwd_tol=config.fwd_tol, bwd_tol=config.bwd_tol,
                            relax=config.relax, skip_first_relax=config.skip_first_relax,
+                           final_residual=config.final_residual,
                            cycle=config.cycle)
     return MGRITPropagator(time_comm, options)
 
