@@ -121,6 +121,12 @@ class _LevelData:
         self.ghost = torch.zeros(shape, dtype=dtype)
         m = level.cfactor
         self.c_rows = [j - rng.lo for j in range(rng.lo, rng.hi) if j % m == 0 and j > 0]
+        # the same rows as a strided slice (views instead of gathers)
+        k0 = -(-max(rng.lo, 1) // m) * m - rng.lo
+        self.c_slice = slice(k0, max(rng.size, k0), m)
+        # all C-points including point 0: the points of the next level
+        k0 = -(-rng.lo // m) * m - rng.lo
+        self.c_slice_all = slice(k0, max(rng.size, k0), m)
 
 
 class MGRIT:
@@ -243,9 +249,9 @@ class MGRIT:
         r = torch.empty((len(rows), *self.shape), dtype=self.dtype)
         self._phi_prev(L, rows, r, phase, lambda j: j % m == 0)
         if rows:
-            r -= L.u[rows]
+            r -= L.u[L.c_slice]
             if L.g is not None:
-                r += L.g[rows]
+                r += L.g[L.c_slice]
         return r
 
     def _relax(self, L: _LevelData, first: bool) -> None:
@@ -255,7 +261,7 @@ class MGRIT:
         if self.settings.relax_on(L.level.index) == "FCF":
             r = self._residual(L, phase=2)
             if L.c_rows:
-                L.u[L.c_rows] += r
+                L.u[L.c_slice] += r
             self._f_relax(L)
 
     def _sequential(self, L: _LevelData) -> None:
@@ -274,26 +280,22 @@ class MGRIT:
     def _coarse_correct(self, l: int, r: torch.Tensor, first: bool, kind: str) -> None:
         """Restrict level l's C-point values and residual, cycle level l+1, correct level l."""
         F, C = self._data[l], self._data[l + 1]
-        m = F.level.cfactor
         # injection: the coarse points are exactly this rank's C-points of level l
-        c_rows_all = [j - F.rng.lo for j in range(C.rng.lo * m, C.rng.hi * m, m)]
-        C.v = F.u[c_rows_all].clone() if c_rows_all else torch.zeros((0, *self.shape), dtype=self.dtype)
+        C.v = F.u[F.c_slice_all].clone()
         C.u.copy_(C.v)
-        # FAS right-hand side: g_c = R r + A_c(v),  A_c(v)_j = v_j - Phi_c(v_{j-1})
+        # FAS right-hand side: g_c = R r + A_c(v),  A_c(v)_j = v_j - Phi_c(v_{j-1});
+        # the rows j > 0 of level l+1 are level l's residual rows, in the same order
         g = C.v.clone()
-        rows = [k for k in range(C.rng.size) if C.rng.lo + k > 0]
+        k0 = 1 if C.rng.lo == 0 else 0
+        rows = list(range(k0, C.rng.size))
+        phi = torch.empty((len(rows), *self.shape), dtype=self.dtype)
+        self._phi_prev(C, rows, phi, phase=4, need=lambda j: j > 0)
         if rows:
-            phi = torch.empty((len(rows), *self.shape), dtype=self.dtype)
-            self._phi_prev(C, rows, phi, phase=4, need=lambda j: j > 0)
-            g[rows] -= phi
-            # residual rows of level l are its C-points j>0, in the same order
-            g[rows] += r
-        else:
-            self._phi_prev(C, [], C.ghost[None][:0], phase=4, need=lambda j: j > 0)
+            g[k0:] += r - phi
         C.g = g
         self._cycle(l + 1, first, kind)
-        if c_rows_all:
-            F.u[c_rows_all] += C.u - C.v
+        if C.rng.size:
+            F.u[F.c_slice_all] += C.u - C.v
         self._f_relax(F)
 
     def _cycle(self, l: int, first: bool, kind: str) -> None:
@@ -374,7 +376,7 @@ class MGRIT:
             first = k == 0
             if s.relax_on(0) == "FCF" and not (first and s.skip_first_relax):
                 if fine.c_rows:
-                    fine.u[fine.c_rows] += r          # C-relaxation from the residual just computed
+                    fine.u[fine.c_slice] += r          # C-relaxation from the residual just computed
                 self._f_relax(fine)
                 r = self._residual(fine, phase=5)
             self._coarse_correct(0, r, first, kind)
