@@ -24,8 +24,11 @@ export OMP_NUM_THREADS=1
 
 run_mpi() {
     local n="$1" rc=0
-    echo "== mpiexec -n $n: pytest --with-mpi -m mpi"
-    "$mpiexec" -n "$n" "$py" -m pytest --with-mpi -m mpi -q -p no:cacheprovider tests || rc=$?
+    shift
+    local paths=("$@")
+    [[ ${#paths[@]} -gt 0 ]] || paths=(tests)
+    echo "== mpiexec -n $n: pytest --with-mpi -m mpi ${paths[*]}"
+    "$mpiexec" -n "$n" "$py" -m pytest --with-mpi -m mpi -q -p no:cacheprovider "${paths[@]}" || rc=$?
     # 5 = no test collected: not a failure
     if [[ "$rc" -ne 0 && "$rc" -ne 5 ]]; then
         echo "run_all.sh: the MPI tests failed on $n ranks (exit $rc)" >&2
@@ -35,5 +38,7 @@ run_mpi() {
 
 run_mpi 2
 run_mpi 3
+# the solver's P-independence at an even count that is not 2 (oversubscribed here)
+run_mpi 4 tests/test_mgrit.py tests/test_mgrit_gru.py
 echo "== serial: pytest"
 exec "$py" -m pytest -q tests
