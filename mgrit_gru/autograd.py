@@ -72,17 +72,32 @@ class GRUForwardStepper:
 
     ``xw[i]`` is the input projection of input ``x[first_input + i]``; the step
     to fine point ``t`` reads input ``t - 1`` (the interval's end point).
+
+    With ``hw`` (a ``[hi - lo, B, G*H]`` buffer for the rank's points ``lo..hi-1``)
+    every fine step from an owned point writes its hidden projection
+    ``h_t W_hh^T + b_hh`` there: the last sweep of a solve that ends with its
+    final residual has then stepped from every owned point's final state except
+    the last one (whose step belongs to the right neighbour), and the adjoint's
+    linearisation reuses them instead of recomputing the GEMMs.
     """
 
-    def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int):
+    def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int,
+                 hw: Tensor | None = None, lo: int = 0):
         self.cell = cell
         self.xw = xw
         self.first_input = first_input
         self.state_shape = (batch, cell.state_size)
         self.dtype = xw.dtype
+        self.hw, self.lo = hw, lo
+        self.hw_written = torch.zeros(0 if hw is None else hw.shape[0], dtype=torch.bool)
 
     def step(self, u, t_from, t_to, level, out):
-        return self.cell.step(self.xw[t_to - 1 - self.first_input], u, float(t_to - t_from), out=out)
+        hw_out = None
+        if self.hw is not None and t_to - t_from == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
+            hw_out = self.hw[t_from - self.lo]
+            self.hw_written[t_from - self.lo] = True
+        return self.cell.step(self.xw[t_to - 1 - self.first_input], u, float(t_to - t_from),
+                              out=out, hw_out=hw_out)
 
 
 class GRUAdjointStepper:
@@ -99,7 +114,8 @@ class GRUAdjointStepper:
     """
 
     def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
-                 xw: Tensor, first_input: int, batch: int, chunk: int = 16):
+                 xw: Tensor, first_input: int, batch: int, chunk: int = 16,
+                 hw: Tensor | None = None):
         self.cell = cell
         self.N = solver.N
         self.state_shape = (batch, cell.state_size)
@@ -117,7 +133,8 @@ class GRUAdjointStepper:
                 if k == 1:   # consecutive points: slices, no copies
                     t0, t1 = tc[0], tc[-1] + 1
                     lin = cell.linearize(xw[t0 - first_input:t1 - first_input],
-                                         states[t0 - t_lo:t1 - t_lo], 1.0)
+                                         states[t0 - t_lo:t1 - t_lo], 1.0,
+                                         hw=None if hw is None else hw[t0 - t_lo:t1 - t_lo])
                     self.fine_chunks.append((t0, t1, lin))
                 else:
                     t = torch.tensor(tc, dtype=torch.long)
@@ -135,7 +152,7 @@ class _MGRITFunction(torch.autograd.Function):
     def forward(ctx, prop, cell, x, lengths, steps, pooling, *params):
         comm: Comm = prop.comm
         B, H, N = x.shape[0], cell.hidden_size, steps
-        lo, hi, first_input, x_tm, xw, h = prop.solve_states(cell, x, steps)
+        lo, hi, first_input, x_tm, xw, h, hw = prop.solve_states(cell, x, steps)
 
         # features: this rank's share, summed over time ranks
         t_idx = torch.arange(lo, hi)
@@ -153,7 +170,7 @@ class _MGRITFunction(torch.autograd.Function):
             feat = (h[:, :, :H] * wt).sum(0)
         comm.allreduce_(feat)
         ctx.prop, ctx.cell, ctx.pooling = prop, cell, pooling
-        ctx.lengths, ctx.h, ctx.xw, ctx.x_tm = lengths, h, xw, x_tm
+        ctx.lengths, ctx.h, ctx.xw, ctx.x_tm, ctx.hw = lengths, h, xw, x_tm, hw
         ctx.lo, ctx.hi, ctx.N, ctx.first_input = lo, hi, N, first_input
         return feat
 
@@ -179,7 +196,7 @@ class _MGRITFunction(torch.autograd.Function):
         bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
         # adjoints decay through long sequences: float32 subnormals would make every step slow
         with torch.no_grad(), _flushing_denormals(h.dtype == torch.float32):
-            adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B)
+            adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw)
             bwd_solver.stepper = adj
             # solver rows run in reversed time: row k is forward point hi-1-k
             rhs = src.flip(0)
@@ -213,7 +230,7 @@ class _MGRITFunction(torch.autograd.Function):
                 n = grads[name].numel()
                 out.append(flat[offset:offset + n].view_as(grads[name]))
                 offset += n
-        ctx.h = ctx.xw = ctx.x_tm = None
+        ctx.h = ctx.xw = ctx.x_tm = ctx.hw = None
         return (None, None, None, None, None, None, *out)
 
 
@@ -242,10 +259,12 @@ class MGRITPropagator:
     def solve_states(self, cell: RecurrentCell, x: Tensor, steps: int | None = None):
         """Forward MGRIT solve of ``x [B, T, D]`` over ``steps`` (default T) intervals.
 
-        Returns ``(lo, hi, first_input, x_tm, xw, h)``: this rank owns fine points
-        ``lo..hi-1`` and ``h [hi-lo, B, S]`` are their states; ``x_tm``/``xw`` are
-        the inputs (time-major) and input projections it read, from input
-        ``first_input`` on (its chunk plus the halo its adjoint steps need).
+        Returns ``(lo, hi, first_input, x_tm, xw, h, hw)``: this rank owns fine
+        points ``lo..hi-1`` and ``h [hi-lo, B, S]`` are their states; ``x_tm``/``xw``
+        are the inputs (time-major) and input projections it read, from input
+        ``first_input`` on (its chunk plus the halo its adjoint steps need);
+        ``hw`` are the hidden projections of the final states (None when the
+        solve did not end with a sweep from every final state).
         """
         N = x.shape[1] if steps is None else steps
         if self.comm.size > N:
@@ -260,11 +279,21 @@ class MGRITPropagator:
         last_input = min(hi - 1 + max_stride, N)
         x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
         xw = cell.input_projection(x_tm)
-        solver.stepper = GRUForwardStepper(cell, xw, first_input, x.shape[0])
+        B = x.shape[0]
+        hw = torch.empty(hi - lo, B, cell.gates * cell.hidden_size, dtype=x.dtype)
+        stepper = GRUForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo)
+        solver.stepper = stepper
         with _flushing_denormals(x.dtype == torch.float32):
             h, info = solver.solve()
         self._record("fwd", info)
-        return lo, hi, first_input, x_tm, xw, h
+        # valid only if the solve ended with its final residual (the sweep after
+        # the last correction then stepped from every final state) and every
+        # owned point but the last was stepped from
+        if self.options.final_residual and bool(stepper.hw_written[:-1].all()):
+            cell.hidden_projection(cell.hidden(h[-1]), out=hw[-1])
+        else:
+            hw = None
+        return lo, hi, first_input, x_tm, xw, h, hw
 
     def features(self, cell: RecurrentCell, x: Tensor, lengths=None, pooling: str = "last") -> Tensor:
         lengths, steps = _check_inputs(cell, x, lengths, pooling)

@@ -45,7 +45,7 @@ def check_forward_states_equal_serial(comm):
         model = _model()
         x, _, _ = _batch(n)
         prop = MGRITPropagator(comm, TIGHT)
-        lo, hi, _, _, _, h = prop.solve_states(model.cell, x)
+        lo, hi, _, _, _, h, _ = prop.solve_states(model.cell, x)
         # the truth: the plain loop of the cell's differentiable step
         s = torch.zeros(B, H, dtype=torch.float64)
         states = [s]
@@ -148,3 +148,24 @@ def test_float32_forward_matches_serial():
     ref = model.features(x)
     model.propagator = MGRITPropagator(None, MGRITOptions(fwd_iters=50, fwd_tol=1e-7))
     assert torch.allclose(model.features(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [MGRITOptions(), MGRITOptions(relax="FCF", cycle="F"), MGRITOptions(levels=1),
+                                  MGRITOptions(fwd_iters=0)])
+def test_saved_hidden_projections_are_those_of_the_final_states(opts):
+    """The adjoint reuses the forward's last-sweep projections: they must match the final states."""
+    model = _model()
+    x, _, _ = _batch(37)
+    *_, h, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
+    assert hw is not None
+    with torch.no_grad():
+        assert torch.equal(hw, model.cell.hidden_projection(model.cell.hidden(h)))
+
+
+@pytest.mark.parametrize("opts", [MGRITOptions(final_residual=False),
+                                  MGRITOptions(fwd_iters=0, skip_first_relax=True)])
+def test_no_saved_projections_when_the_last_sweep_is_stale(opts):
+    model = _model()
+    x, _, _ = _batch(37)
+    *_, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
+    assert hw is None
