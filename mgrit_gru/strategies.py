@@ -3,10 +3,11 @@ the shared model is updated.
 
 The training loop (:mod:`mgrit_gru.train`) owns the data, the model, the
 optimizer and MPI; a strategy owns only the order of work inside one rank for
-one epoch. It is constructed once per run (it may start worker threads or
-processes there), asked to run each epoch, and closed at the end::
+one epoch. It is constructed once per run, started once (it may start worker
+threads or processes there), asked to run each epoch, and closed at the end::
 
-    with make_strategy("sequential", workers=1) as strategy:
+    with make_strategy("mutex", workers=2) as strategy:
+        strategy.start(model, optimizer, step_fn)        # optional: else lazily
         for epoch in ...:
             stats = strategy.run_epoch(model, optimizer, batches, step_fn)
 
@@ -18,35 +19,75 @@ has several MPI data groups, ``step_fn`` is collective over them (it averages
 the gradients with an allreduce): every rank must then call it once per batch,
 in the order of ``batches``, from one thread at a time.
 
-Implementations: :class:`Sequential` (one worker, one update per minibatch).
-Mutex (implicit aggregation), averaging (explicit aggregation) and Hogwild
-(lock-free) register themselves in :data:`STRATEGIES` the same way.
+Strategies with workers use the parts of ``step_fn`` when it has them (the
+training loop's does), and else ``step_fn`` itself with one data group:
+
+* ``step_fn.local(model, batch) -> float``: this rank's share of the step,
+  without MPI (picklable: worker processes run it); summed over the data
+  groups, the shares are the minibatch's gradient and loss;
+* ``step_fn.reduce_(flat)``: in-place sum of a flat tensor over the data groups;
+* ``step_fn.record(model, batch)``: bookkeeping of one step (solver statistics);
+* ``step_fn.data_groups``: the number of data groups.
+
+Implementations (:data:`STRATEGIES`), with ``k`` minibatches per epoch and
+``K`` workers:
+
+* :class:`Sequential`: one worker, ``k`` updates, in order.
+* :class:`Mutex` (implicit aggregation): worker ``j % K`` computes minibatch
+  ``j`` on its local copy; the update with its gradient and the copy of the
+  updated parameters back into it form a critical section; ``k`` updates.
+* :class:`Averaging` (explicit aggregation): in each round, ``K`` workers
+  compute ``K`` minibatch gradients from the same parameters; one update with
+  their mean; ``ceil(k / K)`` updates.
+* :class:`Hogwild`: each worker copies the shared parameters, computes a
+  minibatch gradient and updates the shared parameters itself, with no lock;
+  ``k`` updates.
+
+The critical sections of mutex and averaging run in the calling thread (the
+*coordinator*), in a fixed order: worker ``j % K``'s gradient is always the
+``j``-th update. A run is therefore deterministic, and identical on every
+rank, which lets mutex and averaging compose with MPI data groups (the
+coordinator sums each update's gradient over the groups) and with MGRIT time
+ranks (thread workers, each with its own time communicator). Hogwild's update
+order is up to the operating system: it runs on one rank only.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Callable, ClassVar, Iterable
+from collections import deque
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
 from mgrit_gru.errors import InputError
+from mgrit_gru.workers import BACKENDS, WorkerPool, communicates
 
 StepFn = Callable[[torch.nn.Module, Any], float]
+
+#: Worker backends accepted by :func:`make_strategy` (``auto`` chooses).
+BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
 class Strategy(abc.ABC):
     """One way of turning an epoch's minibatches into model updates.
 
-    Subclasses set :attr:`name`, may start workers in ``__init__`` and must
-    release them in :meth:`close`.
+    Subclasses set :attr:`name`, may start workers in :meth:`start` (or in
+    ``__init__``) and must release them in :meth:`close`.
     """
 
     name: ClassVar[str]
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = workers
+
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              step_fn: StepFn) -> None:
+        """Prepare the run's workers for ``model``, ``optimizer`` and
+        ``step_fn`` (the default has none). Called once before the first epoch
+        so that start-up time stays out of the epoch times; :meth:`run_epoch`
+        calls it itself if needed. Raises InputError for unsupported runs."""
 
     @abc.abstractmethod
     def run_epoch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -57,6 +98,10 @@ class Strategy(abc.ABC):
         updates=<number of optimizer steps>)``; the loss is NaN for an epoch
         without batches.
         """
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``mutex, 2 workers (process)``."""
+        return f"{self.name}, {self.workers} worker{'s' if self.workers != 1 else ''}"
 
     def close(self) -> None:
         """Release workers (threads, processes); the default has none."""
@@ -73,10 +118,11 @@ class Sequential(Strategy):
 
     name = "sequential"
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, backend: str = "auto") -> None:
         if workers != 1:
             raise InputError(f"option workers (--workers): the sequential "
                              f"strategy runs 1 worker, got {workers}")
+        _check_backend(backend)
         super().__init__(workers)
 
     def run_epoch(self, model, optimizer, batches, step_fn):
@@ -89,16 +135,257 @@ class Sequential(Strategy):
                 "updates": updates}
 
 
+def _check_backend(backend: str) -> None:
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"strategy backend: expected one of {', '.join(BACKEND_CHOICES)}, "
+                         f"got {backend!r}")
+
+
+class _Parts:
+    """The parts of a ``step_fn`` (see the module docstring), with defaults
+    for a plain function: itself, no reduction, no bookkeeping, one group."""
+
+    def __init__(self, step_fn: StepFn) -> None:
+        self.local = getattr(step_fn, "local", step_fn)
+        self.reduce_ = getattr(step_fn, "reduce_", None)
+        self.record = getattr(step_fn, "record", None)
+        self.data_groups = int(getattr(step_fn, "data_groups", 1))
+
+
+class _WithWorkers(Strategy):
+    """Common part of the strategies with a pool of workers.
+
+    ``backend``: ``process``, ``thread`` or ``auto`` (processes, unless the
+    model's propagator communicates: then threads, each with its own
+    communicator).
+    """
+
+    #: Whether the workers update the global model themselves (Hogwild).
+    updates_in_workers: ClassVar[bool] = False
+
+    def __init__(self, workers: int = 1, backend: str = "auto") -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InputError(f"option workers (--workers): must be at least 1, got {workers!r}")
+        _check_backend(backend)
+        super().__init__(workers)
+        self.backend = backend
+        self.pool: WorkerPool | None = None
+        self._model = self._optimizer = None
+        self._params: list[torch.Tensor] = []
+        self._parts: _Parts | None = None
+        self._mean: torch.Tensor | None = None
+
+    def describe(self) -> str:
+        backend = self.pool.backend if self.pool is not None else self.backend
+        return f"{super().describe()} ({backend})"
+
+    def _choose_backend(self, model: torch.nn.Module) -> str:
+        propagator = getattr(model, "propagator", None)
+        if self.backend == "auto":
+            return "thread" if communicates(propagator) else "process"
+        if self.backend == "process" and communicates(propagator):
+            raise InputError(f"option strategy (--strategy): {self.name} workers cannot be "
+                             f"processes with the {type(propagator).__name__}, which "
+                             f"communicates over MPI (use threads)")
+        return self.backend
+
+    def _check_ranks(self, model: torch.nn.Module, parts: _Parts) -> None:
+        """Raise InputError for runs this strategy does not support."""
+
+    def start(self, model, optimizer, step_fn) -> None:
+        if self.pool is not None:
+            if model is not self._model or optimizer is not self._optimizer:
+                raise ValueError(f"the {self.name} strategy serves one model and one "
+                                 f"optimizer per run")
+            return
+        parts = _Parts(step_fn)
+        backend = self._choose_backend(model)
+        self._check_ranks(model, parts)
+        if backend == "thread" and communicates(getattr(model, "propagator", None)):
+            _require_thread_multiple(self.name)
+        self.pool = WorkerPool(model, parts.local, self.workers, backend=backend,
+                               hogwild=optimizer if self.updates_in_workers else None)
+        self._model, self._optimizer, self._parts = model, optimizer, parts
+        self._params = list(model.parameters())
+
+    def run_epoch(self, model, optimizer, batches, step_fn):
+        self.start(model, optimizer, step_fn)
+        total, updates, count = self._epoch(iter(batches))
+        for p in self._params:      # no references into the workers' buffers
+            p.grad = None
+        return {"train_loss": total / count if count else math.nan,
+                "updates": updates}
+
+    @abc.abstractmethod
+    def _epoch(self, batches: Iterator[Any]) -> tuple[float, int, int]:
+        """Run one epoch; return ``(sum of the minibatch losses, updates,
+        minibatches)``."""
+
+    # -- helpers of the coordinator --------------------------------------------
+    def _send(self, w: int, batch: Any) -> None:
+        """Worker ``w`` computes ``batch`` from the current global parameters."""
+        self.pool.load(w, self._params)
+        self.pool.submit(w, batch)
+
+    def _collect(self, w: int, batch: Any) -> None:
+        """Bookkeeping after worker ``w`` has computed ``batch``."""
+        if self._parts.record is not None:
+            self._parts.record(self.pool.models[w], batch)
+
+    def _update(self, flat: torch.Tensor) -> float:
+        """Sum ``flat`` (gradient, loss) over the data groups, step the global
+        model with that gradient; return the loss entry."""
+        if self._parts.reduce_ is not None:
+            self._parts.reduce_(flat)
+        offset = 0
+        for p in self._params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self._optimizer.step()
+        return float(flat[-1])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+class Mutex(_WithWorkers):
+    """Implicit aggregation (Messi Nguele et al., Algorithms IV.1-IV.2).
+
+    Worker ``j % K`` computes minibatch ``j`` on its local copy, loaded with
+    the global parameters after its previous update. The update with its
+    gradient and the copy of the new parameters into its local copy are the
+    critical section; they run in the coordinator in the order of the
+    minibatches, so the gradient of minibatch ``j`` was computed from the
+    parameters after update ``j - K + 1`` (``K = 1``: the sequential run).
+    Works with several data groups and with MGRIT time ranks.
+    """
+
+    name = "mutex"
+
+    def _epoch(self, batches):
+        total, updates = 0.0, 0
+        queue: deque[tuple[int, Any]] = deque()     # (worker, batch) in update order
+        for w in range(self.workers):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            self._send(w, batch)
+            queue.append((w, batch))
+        while queue:
+            w, batch = queue.popleft()
+            self.pool.wait(w)
+            self._collect(w, batch)
+            total += self._update(self.pool.grads[w])
+            updates += 1
+            batch = next(batches, None)
+            if batch is not None:
+                self._send(w, batch)
+                queue.append((w, batch))
+        return total, updates, updates
+
+
+class Averaging(_WithWorkers):
+    """Explicit aggregation: rounds of ``K`` minibatches computed from the
+    same parameters, one update with the mean of their gradients (a last
+    round with fewer minibatches averages those). Works with several data
+    groups and with MGRIT time ranks.
+    """
+
+    name = "averaging"
+
+    def _epoch(self, batches):
+        total, updates, count = 0.0, 0, 0
+        if self._mean is None:
+            self._mean = torch.zeros_like(self.pool.grads[0])
+        while True:
+            round_ = []
+            for w in range(self.workers):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                self._send(w, batch)
+                round_.append((w, batch))
+            if not round_:
+                return total, updates, count
+            for w, batch in round_:
+                self.pool.wait(w)
+                self._collect(w, batch)
+            mean = self._mean
+            mean.copy_(self.pool.grads[round_[0][0]])
+            for w, _ in round_[1:]:
+                mean.add_(self.pool.grads[w])
+            if len(round_) > 1:
+                mean.div_(len(round_))
+            total += self._update(mean) * len(round_)
+            updates += 1
+            count += len(round_)
+
+
+class Hogwild(_WithWorkers):
+    """Lock-free updates (Niu et al.; Deyringer et al.): each worker copies the
+    shared parameters, computes a minibatch gradient and applies it to the
+    shared parameters with its own optimizer instance over the shared
+    optimizer state, with no lock. The next minibatch goes to whichever
+    worker is free. One rank only (one data group, one time rank).
+    """
+
+    name = "hogwild"
+    updates_in_workers = True
+
+    def _check_ranks(self, model, parts) -> None:
+        comm = getattr(getattr(model, "propagator", None), "comm", None)
+        time_ranks = comm.size if comm is not None else 1
+        if parts.data_groups > 1 or time_ranks > 1:
+            raise InputError(
+                f"option strategy (--strategy): hogwild runs on one rank only (got "
+                f"{time_ranks} time x {parts.data_groups} data ranks): its updates come in "
+                f"an unpredictable order, so ranks would drift apart; use mutex or averaging")
+
+    def _epoch(self, batches):
+        total, updates = 0.0, 0
+        free = list(range(self.workers - 1, -1, -1))
+        running: dict[int, Any] = {}
+        for batch in batches:
+            if free:
+                w = free.pop()
+            else:
+                w = self.pool.wait_any()
+                self._collect(w, running.pop(w))
+                total += float(self.pool.grads[w][-1])
+                updates += 1
+            self.pool.submit(w, batch)
+            running[w] = batch
+        while running:
+            w = self.pool.wait_any()
+            self._collect(w, running.pop(w))
+            total += float(self.pool.grads[w][-1])
+            updates += 1
+        return total, updates, updates
+
+
+def _require_thread_multiple(name: str) -> None:
+    """Thread workers that communicate need MPI_THREAD_MULTIPLE."""
+    from mgrit_gru.comm import MPI
+
+    if MPI is not None and MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        raise InputError(f"option strategy (--strategy): {name} with MGRIT time ranks needs "
+                         f"an MPI library with MPI_THREAD_MULTIPLE (this one provides level "
+                         f"{MPI.Query_thread()})")
+
+
 #: Implemented strategies by name (the names of ``config.STRATEGIES``).
-STRATEGIES: dict[str, type[Strategy]] = {Sequential.name: Sequential}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Sequential, Mutex, Averaging, Hogwild)}
 
 
-def make_strategy(name: str, workers: int = 1) -> Strategy:
-    """The strategy called ``name`` with ``workers`` workers (InputError if it
-    is unknown or not available in this version)."""
+def make_strategy(name: str, workers: int = 1, backend: str = "auto") -> Strategy:
+    """The strategy called ``name`` with ``workers`` workers on ``backend``
+    (``auto``, ``process`` or ``thread``; InputError if it is unknown or not
+    available in this version)."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise InputError(f"option strategy (--strategy): {name!r} is not "
                          f"available (available: {', '.join(STRATEGIES)})") from None
-    return cls(workers)
+    return cls(workers, backend)

@@ -204,17 +204,43 @@ def _shard(n: int, parts: int, index: int) -> slice:
     return slice(index * n // parts, (index + 1) * n // parts)
 
 
+class _ShardStep:
+    """This data group's share of one global minibatch (an index array):
+    forward and backward of its shard, weighted by the shard's fraction of the
+    minibatch, so that the sum over data groups is the minibatch's gradient
+    and loss. Picklable and free of MPI: worker processes run it."""
+
+    def __init__(self, data: _TensorSplit, rank: int, size: int):
+        self.data, self.rank, self.size = data, rank, size
+
+    def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        part = idx[_shard(len(idx), self.size, self.rank)]
+        if not len(part):
+            return 0.0
+        x, y, lengths = self.data.take(part)
+        batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
+        weight = len(part) / len(idx)
+        (batch_loss * weight if weight != 1.0 else batch_loss).backward()
+        return float(batch_loss.detach()) * weight
+
+
 class _Stepper:
     """The ``step_fn`` of the strategies: forward, backward and the gradient
     average over data groups for one global minibatch (an index array).
 
     The gradients and the loss of all data groups travel in one preallocated
-    buffer (one allreduce per step).
+    buffer (one allreduce per step). The parts, for strategies with workers
+    (see :mod:`mgrit_gru.strategies`): :attr:`local` (a :class:`_ShardStep`),
+    :meth:`reduce_`, :meth:`record` and :attr:`data_groups`.
     """
 
     def __init__(self, data: _TensorSplit, model: torch.nn.Module, data_comm: Comm):
-        self.data = data
+        self.local = _ShardStep(data, data_comm.rank, data_comm.size)
         self.comm = data_comm
+        self.data_groups = data_comm.size
         self.stats = {k: 0.0 for k in MGRIT_STATS}
         self.steps = 0
         n = sum(p.numel() for p in model.parameters())
@@ -234,26 +260,25 @@ class _Stepper:
         self.comm.allreduce_(means, op="max")
         return dict(zip(self.stats, means.tolist()))
 
-    def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
-        params = list(model.parameters())
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
-        part = idx[_shard(len(idx), self.comm.size, self.comm.rank)]
-        loss = 0.0
-        if len(part):
-            x, y, lengths = self.data.take(part)
-            batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
-            weight = len(part) / len(idx)
-            (batch_loss * weight if weight != 1.0 else batch_loss).backward()
-            loss = float(batch_loss.detach()) * weight
-            stats = getattr(model.propagator, "last_stats", None)
-            if stats:
-                for k in MGRIT_STATS:
-                    self.stats[k] += float(stats[k])
+    def record(self, model: torch.nn.Module, idx: np.ndarray) -> None:
+        """Count the step of minibatch ``idx`` and add the MGRIT statistics of
+        ``model``'s last solve (if this group's shard of ``idx`` was not empty)."""
+        stats = getattr(model.propagator, "last_stats", None)
+        if stats and len(idx[_shard(len(idx), self.comm.size, self.comm.rank)]):
+            for k in MGRIT_STATS:
+                self.stats[k] += float(stats[k])
         self.steps += 1
+
+    def reduce_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum a flat contiguous tensor over the data groups, in place."""
+        return self.comm.allreduce_(flat)
+
+    def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
+        loss = self.local(model, idx)
+        self.record(model, idx)
         if self.buffer is None:
             return loss
+        params = list(model.parameters())
         buf, offset = self.buffer, 0
         for p in params:
             n = p.numel()
@@ -465,6 +490,12 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                                "final": _final(history) if history else {},
                                "environment": environment}
     with make_strategy(config.strategy, config.workers) as strategy:
+        tic = time.perf_counter()
+        strategy.start(model, optimizer, stepper)
+        environment["strategy_startup_seconds"] = time.perf_counter() - tic
+        if config.strategy != "sequential":
+            run.log(f"strategy {strategy.describe()}: started in "
+                    f"{environment['strategy_startup_seconds']:.1f} s")
         for epoch in range(start, config.epochs + 1):
             order = np.random.default_rng([config.seed, epoch])
             batches = batch_indices(train_data.n, config.batch_size, shuffle=True,
@@ -476,6 +507,7 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                       unit="batch", leave=False, disable=not show_progress) as bar:
                 result = strategy.run_epoch(model, optimizer, bar, stepper)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": result["train_loss"],
+                                      "updates": result["updates"],
                                       "seconds": time.perf_counter() - tic}
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 tic = time.perf_counter()

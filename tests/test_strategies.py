@@ -1,0 +1,383 @@
+"""Data-parallel strategies: sequential, mutex, averaging, Hogwild.
+
+Truths: the sequential run (K = 1), one optimizer step on the concatenated
+minibatches (averaging), the delayed-gradient schedule of implicit aggregation
+written out by hand (mutex), the optimizer's own step counter (updates), the
+operating system's process table (clean-up), and one-rank runs for MPI.
+"""
+
+import copy
+import math
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mgrit_gru.comm import Comm
+from mgrit_gru.config import make_config
+from mgrit_gru.data import Dataset, Split, batch_indices, write_dataset
+from mgrit_gru.errors import InputError
+from mgrit_gru.strategies import STRATEGIES, make_strategy
+from mgrit_gru.train import _Stepper, _TensorSplit, build_model, make_optimizer, train
+
+CELLS = ("implicit-gru", "gru", "lstm", "rnn")
+PARALLEL = ("mutex", "averaging", "hogwild")
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def make_split(rng, n, length=6, d=3, min_len=2):
+    """Variable-length sequences; the class is the sign of the mean level."""
+    y = rng.permutation(np.arange(n) % 2).astype(np.int64)
+    lengths = rng.integers(min_len, length + 1, n).astype(np.int64)
+    x = (np.where(y == 1, 0.5, -0.5)[:, None, None]
+         + rng.standard_normal((n, length, d))).astype(np.float32)
+    x[np.arange(length)[None, :] >= lengths[:, None]] = 0.0
+    return Split(x, y, lengths)
+
+
+def make_dataset(n=64, seed=0, min_len=2):
+    rng = np.random.default_rng(seed)
+    return Dataset("toy", make_split(rng, n, min_len=min_len),
+                   make_split(rng, 16, min_len=min_len), 2)
+
+
+class Run:
+    """Model, optimizer and step function of a tiny run, built as train() does."""
+
+    def __init__(self, cell="gru", optimizer="sgd", n=64, dtype="float32", seed=0):
+        self.dataset = make_dataset(n)
+        self.config = make_config(dict(cell=cell, hidden=5, optimizer=optimizer, lr=0.05,
+                                       seed=seed, dtype=dtype, pooling="mean"))
+        self.model = build_model(self.config, self.dataset)
+        self.optimizer = make_optimizer(self.config, self.model)
+        self.data = _TensorSplit(self.dataset.train, getattr(torch, dtype))
+        self.step = _Stepper(self.data, self.model, Comm.serial())
+
+    def batches(self, epoch, batch_size=16):
+        return list(batch_indices(self.data.n, batch_size, shuffle=True,
+                                  generator=np.random.default_rng([0, epoch])))
+
+    def train(self, name, workers=1, backend="auto", epochs=1, batch_size=16):
+        results = []
+        with make_strategy(name, workers, backend) as strategy:
+            for epoch in range(1, epochs + 1):
+                results.append(strategy.run_epoch(self.model, self.optimizer,
+                                                  self.batches(epoch, batch_size), self.step))
+        return results
+
+    def params(self):
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def assert_same_state(a: Run, b: Run):
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), key
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def worker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mgrit-gru-worker")]
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- #
+# K = 1 is the sequential run
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("name", PARALLEL)
+def test_one_worker_thread_reproduces_sequential(name, cell):
+    reference, run = Run(cell), Run(cell)
+    expected = reference.train("sequential", epochs=2)
+    got = run.train(name, 1, "thread", epochs=2)
+    assert_same_state(run, reference)
+    assert [r["train_loss"] for r in got] == [r["train_loss"] for r in expected]
+
+
+@pytest.mark.parametrize("name", PARALLEL)
+def test_one_worker_process_reproduces_sequential_adam(name):
+    """Processes, shared memory and (Hogwild) the shared Adam state; no
+    process is left after close()."""
+    reference, run = Run("implicit-gru", "adam"), Run("implicit-gru", "adam")
+    reference.train("sequential", epochs=2)
+    strategy = make_strategy(name, 1, "process")
+    for epoch in (1, 2):
+        strategy.run_epoch(run.model, run.optimizer, run.batches(epoch), run.step)
+    assert_same_state(run, reference)
+    pids = strategy.pool.pids
+    assert len(pids) == 1 and alive(pids[0])
+    strategy.close()
+    assert not alive(pids[0])
+    assert multiprocessing.active_children() == []
+    strategy.close()                                    # idempotent
+
+
+@pytest.mark.parametrize("name", PARALLEL)
+def test_one_worker_thread_reproduces_sequential_adam(name):
+    reference, run = Run("lstm", "adam"), Run("lstm", "adam")
+    reference.train("sequential", epochs=2)
+    run.train(name, 1, "thread", epochs=2)
+    assert_same_state(run, reference)
+
+
+# --------------------------------------------------------------------------- #
+# averaging: one step on the concatenated minibatches
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("workers, backend", [(2, "thread"), (3, "thread")])
+def test_averaging_is_one_step_on_concatenated_batches(workers, backend):
+    run = Run("gru", n=16 * workers)
+    reference = copy.deepcopy(run.model)
+    batches = run.batches(1)
+    with make_strategy("averaging", workers, backend) as strategy:
+        result = strategy.run_epoch(run.model, run.optimizer, batches, run.step)
+    assert result["updates"] == 1
+    # the truth: mean loss over all K * 16 samples, autograd, one plain SGD step
+    idx = torch.from_numpy(np.concatenate(batches))
+    x, y, lengths = run.data.x[idx], run.data.y[idx], run.data.lengths[idx]
+    loss = torch.nn.functional.cross_entropy(reference(x, lengths), y)
+    loss.backward()
+    assert result["train_loss"] == pytest.approx(float(loss.detach()), abs=1e-6)
+    with torch.no_grad():
+        for p, q in zip(run.model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q - 0.05 * q.grad, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# mutex: the delayed-gradient schedule, written out
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("workers, backend", [(2, "process"), (3, "thread")])
+def test_mutex_follows_the_implicit_aggregation_schedule(workers, backend):
+    """Update j applies the gradient of minibatch j taken at the parameters
+    after update max(0, j - K + 1): worker j % K last loaded them."""
+    run = Run("rnn", n=80, dtype="float64")
+    batches = run.batches(1)
+    thetas = [run.params()]
+    scratch = copy.deepcopy(run.model)
+    for j, idx in enumerate(batches):
+        with torch.no_grad():
+            for p, v in zip(scratch.parameters(), thetas[max(0, j - workers + 1)]):
+                p.copy_(v)
+        for p in scratch.parameters():
+            p.grad = None
+        x, y, lengths = run.data.take(idx)
+        torch.nn.functional.cross_entropy(scratch(x, lengths), y).backward()
+        thetas.append([v - 0.05 * p.grad for v, p in zip(thetas[-1], scratch.parameters())])
+    with make_strategy("mutex", workers, backend) as strategy:
+        result = strategy.run_epoch(run.model, run.optimizer, batches, run.step)
+        pids = strategy.pool.pids
+        assert len(pids) == (workers if backend == "process" else 0)
+    assert not any(alive(p) for p in pids)
+    assert worker_threads() == []
+    assert result["updates"] == len(batches)
+    for p, v in zip(run.model.parameters(), thetas[-1]):
+        torch.testing.assert_close(p.detach(), v, rtol=0, atol=1e-12)
+    # and it is not the sequential run (the test can tell them apart)
+    sequential = Run("rnn", n=80, dtype="float64")
+    sequential.train("sequential")
+    assert not all(torch.equal(p, q) for p, q in
+                   zip(run.model.parameters(), sequential.model.parameters()))
+
+
+# --------------------------------------------------------------------------- #
+# number of updates, counted by Adam itself
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("name, workers", [("mutex", 2), ("averaging", 2), ("averaging", 3),
+                                           ("hogwild", 2)])
+def test_updates_per_epoch(name, workers):
+    run = Run("gru", "adam", n=70)          # k = 5 minibatches, the last of 6
+    k = 5
+    results = run.train(name, workers, "thread", epochs=2)
+    expected = k if name != "averaging" else math.ceil(k / workers)
+    assert [r["updates"] for r in results] == [expected, expected]
+    assert all(math.isfinite(r["train_loss"]) for r in results)
+    if name != "hogwild":       # Hogwild's workers may race on the shared counter
+        steps = {float(s["step"]) for s in run.optimizer.state_dict()["state"].values()}
+        assert steps == {2.0 * expected}
+
+
+# --------------------------------------------------------------------------- #
+# clean-up and errors
+# --------------------------------------------------------------------------- #
+def test_thread_workers_are_gone_after_close():
+    run = Run("gru")
+    with make_strategy("mutex", 2, "thread") as strategy:
+        strategy.run_epoch(run.model, run.optimizer, run.batches(1), run.step)
+        assert len(worker_threads()) == 2
+    assert worker_threads() == []
+
+
+class FailingStep:
+    """A picklable step function that raises on its third call."""
+
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, model, idx):
+        self.calls += 1
+        if self.calls == 3:
+            raise InputError("data file x.h5: broken batch")
+        return self.step(model, idx)
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_worker_error_reaches_the_caller_and_workers_stop(backend):
+    run = Run("gru")
+    failing = FailingStep(run.step.local)
+    with pytest.raises(InputError, match="^data file x.h5: broken batch$"):
+        with make_strategy("mutex", 1, backend) as strategy:
+            strategy.run_epoch(run.model, run.optimizer, run.batches(1), failing)
+    assert worker_threads() == []
+    assert multiprocessing.active_children() == []
+
+
+def test_options_are_checked():
+    with pytest.raises(InputError, match="sequential strategy runs 1 worker"):
+        make_strategy("sequential", 2)
+    with pytest.raises(InputError, match="strategy backend"):
+        make_strategy("mutex", 2, "gpu")
+    with pytest.raises(InputError, match="not available"):
+        make_strategy("downpour", 2)
+    assert set(STRATEGIES) == {"sequential", "mutex", "averaging", "hogwild"}
+
+
+class TwoGroups:
+    """A step function that claims two MPI data groups."""
+
+    data_groups = 2
+
+    def __init__(self, step):
+        self.local = step
+
+    def __call__(self, model, idx):  # pragma: no cover - never called
+        raise AssertionError
+
+
+def test_hogwild_refuses_several_ranks():
+    run = Run("gru")
+    with make_strategy("hogwild", 2, "thread") as strategy:
+        with pytest.raises(InputError, match="hogwild runs on one rank only") as info:
+            strategy.start(run.model, run.optimizer, TwoGroups(run.step.local))
+    assert "\n" not in str(info.value)
+    assert worker_threads() == []
+
+
+# --------------------------------------------------------------------------- #
+# through train(): the CLI path
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.h5"
+    ds = make_dataset(48)
+    write_dataset(path, ds.train, ds.test, name="toy", num_classes=2)
+    return str(path)
+
+
+def train_config(data, out, **options):
+    base = dict(data=data, out=str(out), hidden=4, epochs=2, batch_size=8, threads=1,
+                progress="off", optimizer="sgd", max_len=6)
+    base.update(options)
+    return make_config(base)
+
+
+def test_train_with_averaging(toy_file, tmp_path):
+    metrics = train(train_config(toy_file, tmp_path / "run", strategy="averaging", workers=2))
+    assert [e["updates"] for e in metrics["epochs"]] == [3, 3]     # ceil(6 / 2)
+    assert metrics["environment"]["strategy_startup_seconds"] > 0
+    assert multiprocessing.active_children() == []
+
+
+# --------------------------------------------------------------------------- #
+# MPI: data groups and time ranks
+# --------------------------------------------------------------------------- #
+def checksums_agree(model, world):
+    from mgrit_gru.train import param_checksum
+
+    gathered = world.allgather_object(param_checksum(model))
+    return all(g == gathered[0] for g in gathered)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_data_groups_match_one_rank(toy_file, tmp_path):
+    """Mutex with worker processes on every rank (under MPI), gradients summed
+    over the groups: the run of one rank, on every rank. (Averaging across
+    data groups: test_mgrit_time_ranks_compose_with_workers.)"""
+    world = Comm.world()
+    opts = dict(strategy="mutex", workers=2, dtype="float64", batch_size=7)
+    parallel = train(train_config(toy_file, tmp_path / "world", **opts), world)
+    single = train(train_config(toy_file, tmp_path / "single", **opts), Comm.serial())
+    assert parallel["environment"]["data_groups"] == world.size
+    for ep, es in zip(parallel["epochs"], single["epochs"]):
+        assert ep["updates"] == es["updates"]
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert ep[key] == pytest.approx(es[key], rel=1e-10)
+
+
+GRIDS = {"time": lambda size: size, "data": lambda size: 1, "2x2": lambda size: 2}
+
+
+def grid_run(world, time_ranks, name):
+    """One epoch of ``name`` with 2 workers on a time x data grid (MGRIT with
+    fixed iterations); the model."""
+    cfg = make_config(dict(cell="implicit-gru", hidden=4, propagator="mgrit", levels=2,
+                           cfactor=2, fwd_iters=2, bwd_iters=1, lr=0.05, optimizer="sgd",
+                           dtype="float64", pooling="mean"))
+    time_comm, data_comm = world.split_grid(time_ranks)
+    dataset = make_dataset(40, min_len=6)     # one length: the same MGRIT grid on every shard
+    model = build_model(cfg, dataset, time_comm)
+    optimizer = make_optimizer(cfg, model)
+    data = _TensorSplit(dataset.train, torch.float64)
+    step = _Stepper(data, model, data_comm)
+    batches = batch_indices(data.n, 8, shuffle=True, generator=np.random.default_rng(3))
+    with make_strategy(name, 2) as strategy:
+        result = strategy.run_epoch(model, optimizer, batches, step)
+        assert strategy.pool.backend == "thread"
+    assert result["updates"] == (5 if name == "mutex" else 3)
+    return model
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("name", ["mutex", "averaging"])
+def test_mgrit_time_ranks_compose_with_workers(name, grid):
+    """Thread workers, each with its own time communicator, on all ranks as
+    time ranks, as data groups, or (4 ranks) 2 x 2: the parameters are
+    identical on every rank and equal those of the one-rank run."""
+    world = Comm.world()
+    if grid == "2x2" and world.size != 4:
+        pytest.skip("the 2 x 2 grid needs exactly 4 ranks")
+    model = grid_run(world, GRIDS[grid](world.size), name)
+    assert checksums_agree(model, world)
+    single = grid_run(Comm.serial(), 1, name)
+    for p, q in zip(model.parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert worker_threads() == []
+
+
+@pytest.mark.mpi(min_size=2)
+def test_hogwild_refuses_mpi_runs(toy_file, tmp_path):
+    world = Comm.world()
+    with pytest.raises(InputError, match="hogwild runs on one rank only"):
+        train(train_config(toy_file, tmp_path / "hog", strategy="hogwild", workers=2), world)
