@@ -43,13 +43,14 @@ Implementations (:data:`STRATEGIES`), with ``k`` minibatches per epoch and
   minibatch gradient and updates the shared parameters itself, with no lock;
   ``k`` updates.
 
-The critical sections of mutex and averaging run in the calling thread (the
-*coordinator*), in a fixed order: worker ``j % K``'s gradient is always the
-``j``-th update. A run is therefore deterministic, and identical on every
-rank, which lets mutex and averaging compose with MPI data groups (the
-coordinator sums each update's gradient over the groups) and with MGRIT time
-ranks (thread workers, each with its own time communicator). Hogwild's update
-order is up to the operating system: it runs on one rank only.
+Mutex and averaging update in a fixed order: minibatch ``j``'s gradient is
+always the ``j``-th update (mutex), rounds are always the same minibatches
+(averaging). A run is therefore deterministic, and identical on every rank,
+which lets them compose with MPI data groups (the calling thread sums each
+update's gradient over the groups) and with MGRIT time ranks (thread
+workers, each with its own time communicator). Hogwild's update order is up
+to the operating system: it runs on one rank only. The workers themselves
+are in :mod:`mgrit_gru.workers`.
 """
 
 from __future__ import annotations
@@ -158,10 +159,13 @@ class _WithWorkers(Strategy):
     ``backend``: ``process``, ``thread`` or ``auto`` (processes, unless the
     model's propagator communicates: then threads, each with its own
     communicator).
-    """
 
-    #: Whether the workers update the global model themselves (Hogwild).
-    updates_in_workers: ClassVar[bool] = False
+    With one data group an epoch is a *direct* epoch of the pool: the workers
+    get their minibatches at once and synchronise among themselves
+    (:meth:`WorkerPool.run_epoch`). With several, the calling thread
+    coordinates: it hands out gradient jobs, sums each update's gradient over
+    the groups and updates the model itself (:meth:`_coordinated`).
+    """
 
     def __init__(self, workers: int = 1, backend: str = "auto") -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -173,7 +177,6 @@ class _WithWorkers(Strategy):
         self._model = self._optimizer = None
         self._params: list[torch.Tensor] = []
         self._parts: _Parts | None = None
-        self._mean: torch.Tensor | None = None
 
     def describe(self) -> str:
         backend = self.pool.backend if self.pool is not None else self.backend
@@ -203,23 +206,31 @@ class _WithWorkers(Strategy):
         self._check_ranks(model, parts)
         if backend == "thread" and communicates(getattr(model, "propagator", None)):
             _require_thread_multiple(self.name)
-        self.pool = WorkerPool(model, parts.local, self.workers, backend=backend,
-                               hogwild=optimizer if self.updates_in_workers else None)
+        self.pool = WorkerPool(model, parts.local, self.workers, optimizer, backend=backend,
+                               record=parts.record)
         self._model, self._optimizer, self._parts = model, optimizer, parts
         self._params = list(model.parameters())
 
     def run_epoch(self, model, optimizer, batches, step_fn):
         self.start(model, optimizer, step_fn)
-        total, updates, count = self._epoch(iter(batches))
-        for p in self._params:      # no references into the workers' buffers
-            p.grad = None
+        if self._parts.data_groups == 1:
+            total, count = self.pool.run_epoch(self.name, list(batches))
+            updates = self._updates(count)
+        else:
+            total, updates, count = self._coordinated(iter(batches))
+            for p in self._params:      # no references into the workers' buffers
+                p.grad = None
         return {"train_loss": total / count if count else math.nan,
                 "updates": updates}
 
-    @abc.abstractmethod
-    def _epoch(self, batches: Iterator[Any]) -> tuple[float, int, int]:
-        """Run one epoch; return ``(sum of the minibatch losses, updates,
-        minibatches)``."""
+    def _updates(self, count: int) -> int:
+        """Updates of a direct epoch of ``count`` minibatches."""
+        return count
+
+    def _coordinated(self, batches: Iterator[Any]) -> tuple[float, int, int]:
+        """An epoch with several data groups; ``(sum of the minibatch
+        losses, updates, minibatches)``."""
+        raise NotImplementedError
 
     # -- helpers of the coordinator --------------------------------------------
     def _send(self, w: int, batch: Any) -> None:
@@ -227,16 +238,10 @@ class _WithWorkers(Strategy):
         self.pool.load(w, self._params)
         self.pool.submit(w, batch)
 
-    def _collect(self, w: int, batch: Any) -> None:
-        """Bookkeeping after worker ``w`` has computed ``batch``."""
-        if self._parts.record is not None:
-            self._parts.record(self.pool.models[w], batch)
-
     def _update(self, flat: torch.Tensor) -> float:
         """Sum ``flat`` (gradient, loss) over the data groups, step the global
         model with that gradient; return the loss entry."""
-        if self._parts.reduce_ is not None:
-            self._parts.reduce_(flat)
+        self._parts.reduce_(flat)
         offset = 0
         for p in self._params:
             p.grad = flat[offset:offset + p.numel()].view_as(p)
@@ -255,46 +260,53 @@ class Mutex(_WithWorkers):
     Worker ``j % K`` computes minibatch ``j`` on its local copy, loaded with
     the global parameters after its previous update. The update with its
     gradient and the copy of the new parameters into its local copy are the
-    critical section; they run in the coordinator in the order of the
-    minibatches, so the gradient of minibatch ``j`` was computed from the
-    parameters after update ``j - K + 1`` (``K = 1``: the sequential run).
+    critical section, entered in the order of the minibatches (a ring of
+    semaphores; with several data groups, the coordinator), so the gradient
+    of minibatch ``j`` was computed from the parameters after update
+    ``j - K + 1`` (``K = 1``: the sequential run). ``k`` updates per epoch.
     Works with several data groups and with MGRIT time ranks.
     """
 
     name = "mutex"
 
-    def _epoch(self, batches):
+    def _coordinated(self, batches):
         total, updates = 0.0, 0
-        queue: deque[tuple[int, Any]] = deque()     # (worker, batch) in update order
+        queue: deque[int] = deque()         # workers, in update order
         for w in range(self.workers):
             batch = next(batches, None)
             if batch is None:
                 break
             self._send(w, batch)
-            queue.append((w, batch))
+            queue.append(w)
         while queue:
-            w, batch = queue.popleft()
+            w = queue.popleft()
             self.pool.wait(w)
-            self._collect(w, batch)
             total += self._update(self.pool.grads[w])
             updates += 1
             batch = next(batches, None)
             if batch is not None:
                 self._send(w, batch)
-                queue.append((w, batch))
+                queue.append(w)
         return total, updates, updates
 
 
 class Averaging(_WithWorkers):
     """Explicit aggregation: rounds of ``K`` minibatches computed from the
     same parameters, one update with the mean of their gradients (a last
-    round with fewer minibatches averages those). Works with several data
-    groups and with MGRIT time ranks.
+    round with fewer minibatches averages those); ``ceil(k / K)`` updates per
+    epoch. Works with several data groups and with MGRIT time ranks.
     """
 
     name = "averaging"
 
-    def _epoch(self, batches):
+    def __init__(self, workers: int = 1, backend: str = "auto") -> None:
+        super().__init__(workers, backend)
+        self._mean: torch.Tensor | None = None
+
+    def _updates(self, count: int) -> int:
+        return -(-count // self.workers)
+
+    def _coordinated(self, batches):
         total, updates, count = 0.0, 0, 0
         if self._mean is None:
             self._mean = torch.zeros_like(self.pool.grads[0])
@@ -305,15 +317,14 @@ class Averaging(_WithWorkers):
                 if batch is None:
                     break
                 self._send(w, batch)
-                round_.append((w, batch))
+                round_.append(w)
             if not round_:
                 return total, updates, count
-            for w, batch in round_:
+            for w in round_:
                 self.pool.wait(w)
-                self._collect(w, batch)
             mean = self._mean
-            mean.copy_(self.pool.grads[round_[0][0]])
-            for w, _ in round_[1:]:
+            mean.copy_(self.pool.grads[round_[0]])
+            for w in round_[1:]:
                 mean.add_(self.pool.grads[w])
             if len(round_) > 1:
                 mean.div_(len(round_))
@@ -323,15 +334,14 @@ class Averaging(_WithWorkers):
 
 
 class Hogwild(_WithWorkers):
-    """Lock-free updates (Niu et al.; Deyringer et al.): each worker copies the
-    shared parameters, computes a minibatch gradient and applies it to the
-    shared parameters with its own optimizer instance over the shared
-    optimizer state, with no lock. The next minibatch goes to whichever
-    worker is free. One rank only (one data group, one time rank).
+    """Lock-free updates (Niu et al.; Deyringer et al.): worker ``w`` takes
+    minibatches ``w, w + K, ...``; for each it copies the shared parameters,
+    computes the gradient and applies it to the shared parameters with its
+    own optimizer instance over the shared optimizer state, with no lock;
+    ``k`` updates per epoch. One rank only (one data group, one time rank).
     """
 
     name = "hogwild"
-    updates_in_workers = True
 
     def _check_ranks(self, model, parts) -> None:
         comm = getattr(getattr(model, "propagator", None), "comm", None)
@@ -341,27 +351,6 @@ class Hogwild(_WithWorkers):
                 f"option strategy (--strategy): hogwild runs on one rank only (got "
                 f"{time_ranks} time x {parts.data_groups} data ranks): its updates come in "
                 f"an unpredictable order, so ranks would drift apart; use mutex or averaging")
-
-    def _epoch(self, batches):
-        total, updates = 0.0, 0
-        free = list(range(self.workers - 1, -1, -1))
-        running: dict[int, Any] = {}
-        for batch in batches:
-            if free:
-                w = free.pop()
-            else:
-                w = self.pool.wait_any()
-                self._collect(w, running.pop(w))
-                total += float(self.pool.grads[w][-1])
-                updates += 1
-            self.pool.submit(w, batch)
-            running[w] = batch
-        while running:
-            w = self.pool.wait_any()
-            self._collect(w, running.pop(w))
-            total += float(self.pool.grads[w][-1])
-            updates += 1
-        return total, updates, updates
 
 
 def _require_thread_multiple(name: str) -> None:

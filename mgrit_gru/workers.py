@@ -1,34 +1,46 @@
-"""Worker pools of the data-parallel strategies: K replicas of the model that
-compute minibatch gradients on request.
+"""Worker pools of the data-parallel strategies: K replicas of the model.
 
 A :class:`WorkerPool` holds ``K`` workers, threads or processes. Worker ``w``
-owns a *replica* of the model (its local copy) and a flat buffer
-``grads[w]`` (every parameter gradient, then the loss). The coordinator (the
-calling thread, see :mod:`mgrit_gru.strategies`) drives it::
+owns a *replica* of the model (its local copy). The global model's
+parameters and its optimizer's state are shared with the workers (in place
+for threads, in shared memory for processes), and each worker has its own
+optimizer instance over them. The pool runs work in two ways:
 
-    pool.load(w, global_params)     # copy the global parameters into replica w
-    pool.submit(w, batch)           # worker w: grads[w] <- gradient and loss of batch
-    pool.wait(w)                    # until worker w is done (or pool.wait_any())
+* **Direct epochs** (:meth:`WorkerPool.run_epoch`): the calling thread hands
+  each worker its share of the epoch's minibatches in one message and waits;
+  the workers synchronise among themselves:
 
-and may write into a replica's parameters or read ``grads[w]`` only while
-worker ``w`` is idle (between ``wait`` and the next ``submit``).
+  - ``mutex``: worker ``w`` has minibatches ``w, w + K, ...``; after computing
+    minibatch ``j`` it waits for its turn (a ring of semaphores), updates the
+    global model, copies it into its replica and passes the turn to worker
+    ``(j + 1) % K``: the ``j``-th update is always minibatch ``j``'s;
+  - ``averaging``: in round ``r`` the workers compute minibatches
+    ``rK, ..., rK + K - 1`` into double-buffered gradient buffers, meet at a
+    barrier, and each applies the mean of the round's gradients to its own
+    replica with its own copy of the optimizer (identical arithmetic, so the
+    replicas stay identical); worker 0 writes the result back to the global
+    model and optimizer at the end of the epoch;
+  - ``hogwild``: worker ``w`` has minibatches ``w, w + K, ...``; for each it
+    copies the global parameters, computes the gradient and updates the
+    global model, with no lock at all.
 
-In *Hogwild* mode (``hogwild=optimizer``) a job does more: the worker copies
-the global parameters into its replica, computes the gradient and applies it
-to the global parameters with its own instance of the optimizer, all without
-any lock. The global parameters and the optimizer state are shared: in place
-for threads, in shared memory for processes.
+* **Gradient jobs** (:meth:`load`, :meth:`submit`, :meth:`wait`), for a
+  coordinator that makes the updates itself (with several MPI data groups the
+  gradient must be summed over the groups first, which worker processes cannot
+  do): worker ``w`` computes one minibatch gradient and loss into
+  :attr:`grads` ``[w]``.
 
 Backends
 --------
 ``process``: ``torch.multiprocessing`` with the *spawn* start method (forking
-a process that already runs OpenMP threads can deadlock). Replica parameters,
-gradient buffers and the training data live in shared memory, so no tensor is
-copied per job; jobs and replies are small messages over one pipe per worker.
-Each child runs ``max(1, threads // K)`` torch threads, ignores SIGINT (the
-parent decides when it ends) and exits when its pipe closes, so a dead parent
-leaves no orphan. Children never initialise MPI (``MPI4PY_RC_INITIALIZE``);
-the step function they run must not communicate.
+a process that already runs OpenMP threads can deadlock). Replica and global
+parameters, optimizer state, gradient buffers and the training data live in
+shared memory; no tensor is copied per message. Each child runs
+``max(1, threads // K)`` torch threads, ignores SIGINT (the parent decides
+when it ends) and exits when its pipe closes, so a dead parent leaves no
+orphan. Children never initialise MPI (``MPI4PY_RC_INITIALIZE``); the step
+function they run must not communicate. Scripts that start worker processes
+need an ``if __name__ == "__main__":`` guard (the children import them).
 
 ``thread``: ``threading`` in this process. The replicas' propagators are
 copies; a propagator that communicates (it has a ``comm``, e.g. MGRIT across
@@ -48,7 +60,6 @@ import signal
 import threading
 import traceback
 import weakref
-from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable, Sequence
 
 import torch
@@ -59,8 +70,14 @@ from mgrit_gru.errors import InputError
 
 BACKENDS = ("process", "thread")
 
+#: Direct epochs (see the module docstring).
+EPOCH_KINDS = ("mutex", "averaging", "hogwild")
+
 #: Seconds ``close`` waits for a worker to stop before terminating it.
 STOP_TIMEOUT = 5.0
+
+#: Seconds between checks of the abort flag while a worker waits for its turn.
+POLL = 0.2
 
 LocalStep = Callable[[torch.nn.Module, Any], float]
 
@@ -167,53 +184,181 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
             if isinstance(v, torch.Tensor)]
 
 
-def _make_optimizer(spec: tuple, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
-    """An optimizer over ``params`` from ``(class, defaults, state_dict)``; the
-    state tensors are those of the state dict (shared, not copied)."""
+def _make_optimizer(spec: tuple, params: Sequence[torch.Tensor], *,
+                    private: bool = False) -> torch.optim.Optimizer:
+    """An optimizer over ``params`` from ``(class, defaults, state_dict)``; its
+    state tensors are those of the state dict (shared), or copies of them."""
     cls, defaults, state = spec
     opt = cls(params, **defaults)
-    opt.load_state_dict(state)
+    opt.load_state_dict(copy.deepcopy(state) if private else state)
     return opt
+
+
+@torch.no_grad()
+def _copy_state(dst: torch.optim.Optimizer, dst_params: Sequence[torch.Tensor],
+                src: torch.optim.Optimizer, src_params: Sequence[torch.Tensor]) -> None:
+    """Copy the optimizer state of ``src_params`` in ``src`` into that of
+    ``dst_params`` in ``dst`` (same optimizer class, state already created)."""
+    for p, q in zip(dst_params, src_params):
+        target = dst.state[p]
+        for key, value in src.state[q].items():
+            if isinstance(value, torch.Tensor):
+                target[key].copy_(value)
+            else:
+                target[key] = value
+
+
+@torch.no_grad()
+def _copy_params(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
 
 
 # --------------------------------------------------------------------------- #
 # the work of one worker (runs in its thread or process)
 # --------------------------------------------------------------------------- #
-class _Job:
-    """What worker ``w`` does for one batch."""
+class Aborted(Exception):
+    """Another worker failed: this one left its epoch."""
 
-    def __init__(self, replica: torch.nn.Module, local_step: LocalStep,
-                 grads: torch.Tensor, hogwild: tuple | None):
-        self.replica = replica
-        self.local_step = local_step
-        self.grads = grads
+
+class _Sync:
+    """What the workers of a direct epoch synchronise with: a ring of
+    semaphores (whose turn it is to update, mutex), a barrier (the end of a
+    round, averaging) and an abort flag (a worker failed). ``ctx`` is a
+    multiprocessing context or the ``threading`` module."""
+
+    def __init__(self, ctx, workers: int) -> None:
+        self.turns = [ctx.Semaphore(0) for _ in range(workers)]
+        self.barrier = ctx.Barrier(workers)
+        self.abort = ctx.Event()
+
+    def fail(self) -> None:
+        """Make every waiting worker leave its epoch."""
+        self.abort.set()
+        self.barrier.abort()
+
+    def check(self) -> None:
+        if self.abort.is_set():
+            raise Aborted
+
+    def take_turn(self, w: int) -> None:
+        while not self.turns[w].acquire(timeout=POLL):
+            self.check()
+
+    def meet(self) -> None:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise Aborted from None
+
+
+class _Worker:
+    """Worker ``w``: its replica, the shared global model and the jobs.
+
+    ``buffers[v]`` are the two flat ``[n_params + 1]`` gradient-and-loss
+    buffers of every worker ``v`` (averaging reads all of them). ``shared``:
+    ``(global parameters, (optimizer class, defaults, state dict))``.
+    """
+
+    def __init__(self, w: int, replica: torch.nn.Module, local_step: LocalStep,
+                 buffers: list, shared: tuple, sync: _Sync, record=None) -> None:
+        self.w, self.workers = w, len(buffers)
+        self.replica, self.local_step = replica, local_step
+        self.buffers, self.sync, self.record = buffers, sync, record
         self.params = list(replica.parameters())
-        self.views = _views(grads, self.params)
-        self.shared = self.optimizer = None
-        if hogwild is not None:
-            # this worker's own tensor objects over the global storage: ``.grad``
-            # is an attribute of the Python object, so it must not be shared
-            self.shared = [torch.nn.Parameter(q.detach(), requires_grad=False)
-                           for q in hogwild[0]]
-            self.optimizer = _make_optimizer(hogwild[1], self.shared)
+        self.views = [_views(b, self.params) for b in buffers[w]]
+        # this worker's own tensor objects over the global storage: ``.grad``
+        # is an attribute of the Python object, so it must not be shared
+        self.shared = [torch.nn.Parameter(q.detach(), requires_grad=False) for q in shared[0]]
+        self.spec = shared[1]
+        self.optimizer = _make_optimizer(self.spec, self.shared)
+        self.private = None             # averaging: this worker's copy of the optimizer
+        self.mean = None
 
-    def __call__(self, batch: Any) -> None:
-        if self.shared is not None:
-            with torch.no_grad():
-                for p, q in zip(self.params, self.shared):
-                    p.copy_(q)
+    # -- pieces ---------------------------------------------------------------
+    def gradient(self, batch: Any, buffer: int | None = None) -> float:
+        """Gradient of ``batch`` on the replica (into ``buffers[w][buffer]``
+        too, unless None); the loss."""
         loss = self.local_step(self.replica, batch)
-        with torch.no_grad():
-            for p, view in zip(self.params, self.views):
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad)
-            self.grads[-1] = loss
-        if self.optimizer is not None:
-            for q, p in zip(self.shared, self.params):
-                q.grad = p.grad
-            self.optimizer.step()
+        if self.record is not None:
+            self.record(self.replica, batch)
+        if buffer is not None:
+            with torch.no_grad():
+                for p, view in zip(self.params, self.views[buffer]):
+                    if p.grad is None:
+                        view.zero_()
+                    else:
+                        view.copy_(p.grad)
+                self.buffers[self.w][buffer][-1] = loss
+        return loss
+
+    def step_global(self) -> None:
+        """Update the global model with the replica's gradient."""
+        for q, p in zip(self.shared, self.params):
+            q.grad = p.grad
+        self.optimizer.step()
+
+    # -- jobs -------------------------------------------------------------------
+    def run(self, kind: str, payload: Any) -> tuple[float, int]:
+        """Do one job; ``(sum of the minibatch losses, minibatches)``."""
+        if kind == "gradient":
+            return self.gradient(payload, 0), 1
+        batches, k = payload
+        return getattr(self, "_" + kind)(batches, k)
+
+    def _hogwild(self, batches: list, k: int) -> tuple[float, int]:
+        total = 0.0
+        for batch in batches:
+            self.sync.check()
+            _copy_params(self.params, self.shared)
+            total += self.gradient(batch)
+            self.step_global()
+        return total, len(batches)
+
+    def _mutex(self, batches: list, k: int) -> tuple[float, int]:
+        # the replica holds the global parameters (loaded by the pool: a worker
+        # copying them itself might already see another worker's first update)
+        total, K = 0.0, self.workers
+        for i, batch in enumerate(batches):
+            self.sync.check()
+            total += self.gradient(batch)
+            self.sync.take_turn(self.w)
+            self.step_global()
+            _copy_params(self.params, self.shared)
+            j = self.w + i * K
+            if j + 1 < k:
+                self.sync.turns[(self.w + 1) % K].release()
+        return total, len(batches)
+
+    def _averaging(self, batches: list, k: int) -> tuple[float, int]:
+        total, K = 0.0, self.workers
+        if self.private is None:
+            self.private = _make_optimizer(self.spec, self.params, private=True)
+            self.mean = torch.zeros_like(self.buffers[0][0])
+            self.mean_views = _views(self.mean, self.params)
+        _copy_params(self.params, self.shared)
+        _copy_state(self.private, self.params, self.optimizer, self.shared)
+        for r in range(-(-k // K)):
+            self.sync.check()
+            m, parity = min(K, k - r * K), r % 2
+            if self.w < m:
+                total += self.gradient(batches[r], parity)
+            self.sync.meet()
+            mean = self.mean
+            mean.copy_(self.buffers[0][parity])
+            for v in range(1, m):
+                mean.add_(self.buffers[v][parity])
+            if m > 1:
+                mean.div_(m)
+            for p, g in zip(self.params, self.mean_views):
+                p.grad = g
+            self.private.step()
+        if self.w == 0:
+            _copy_params(self.shared, self.params)
+            _copy_state(self.optimizer, self.shared, self.private, self.params)
+        return total, len(batches)
 
 
 def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -223,6 +368,32 @@ def _views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Ten
         out.append(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
     return out
+
+
+def _serve(worker_factory, receive, reply) -> None:
+    """A worker's loop: build it, then do jobs until ``None`` (or the end of
+    the channel). Replies: ``("ok", result)``, ``("aborted", None)`` or
+    ``("error", (kind, message, traceback))``."""
+    try:
+        worker = worker_factory()
+    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+        reply(("error", _failure(exc)))
+        return
+    if not reply(("ok", None)):
+        return
+    while True:
+        job = receive()
+        if job is None:
+            return
+        try:
+            answer = ("ok", worker.run(*job))
+        except Aborted:
+            answer = ("aborted", None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            worker.sync.fail()
+            answer = ("error", _failure(exc))
+        if not reply(answer):
+            return
 
 
 def _failure(exc: BaseException) -> tuple[str, str, str]:
@@ -240,45 +411,25 @@ def _raise(w: int, failure: tuple[str, str, str]) -> None:
     raise RuntimeError(f"strategy worker {w} failed: {kind}: {message}\n{trace}")
 
 
-def _process_main(w: int, replica, local_step, grads, conn, threads: int, hogwild) -> None:
-    """Body of a worker process: serve jobs from ``conn`` until ``None`` or EOF."""
+def _process_main(w, replica, local_step, buffers, shared, sync, conn, threads) -> None:
+    """Body of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    try:
-        job = _Job(replica, local_step, grads, hogwild)
-        conn.send(None)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(_failure(exc))
-        return
-    while True:
+
+    def receive():
         try:
-            batch = conn.recv()
+            return conn.recv()
         except (EOFError, OSError):
-            return
-        if batch is None:
-            return
+            return None
+
+    def reply(message) -> bool:
         try:
-            job(batch)
-            reply = None
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            reply = _failure(exc)
-        try:
-            conn.send(reply)
+            conn.send(message)
         except (BrokenPipeError, OSError):
-            return
+            return False
+        return True
 
-
-def _thread_main(w: int, job: _Job, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
-    """Body of a worker thread: serve jobs from ``inbox`` until ``None``."""
-    while True:
-        batch = inbox.get()
-        if batch is None:
-            return
-        try:
-            job(batch)
-            outbox.put((w, None))
-        except BaseException as exc:  # noqa: BLE001 - reported to the coordinator
-            outbox.put((w, _failure(exc)))
+    _serve(lambda: _Worker(w, replica, local_step, buffers, shared, sync), receive, reply)
 
 
 @contextlib.contextmanager
@@ -303,20 +454,22 @@ def _child_environment(threads: int):
 # the pool
 # --------------------------------------------------------------------------- #
 class WorkerPool:
-    """``workers`` replicas of ``model`` computing gradients on request.
+    """``workers`` replicas of ``model`` and their workers (see the module
+    docstring).
 
     ``local_step(replica, batch) -> loss`` leaves the batch's gradient in the
     replica's ``.grad`` (for processes it must be picklable and must not use
-    MPI). ``hogwild``: the optimizer of the global model; the workers then
-    update the global parameters themselves (see the module docstring).
-    Worker ``w``'s replica is :attr:`models` ``[w]``, its parameters
-    :attr:`params` ``[w]`` and its gradient-and-loss buffer :attr:`grads`
-    ``[w]`` (``[n_params + 1]``, the model's dtype).
+    MPI). ``optimizer`` is the global model's: its state is created now if
+    missing, and shared with the workers. ``record(replica, batch)``, called
+    after each gradient (thread workers only, under a lock), does the
+    caller's bookkeeping. Worker ``w``'s replica is :attr:`models` ``[w]``, its
+    parameters :attr:`params` ``[w]`` and the buffer of its gradient jobs
+    :attr:`grads` ``[w]`` (``[n_params + 1]``: the gradient, then the loss).
     """
 
-    def __init__(self, model: torch.nn.Module, local_step: LocalStep, workers: int, *,
-                 backend: str = "process", threads: int | None = None,
-                 hogwild: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, local_step: LocalStep, workers: int,
+                 optimizer: torch.optim.Optimizer, *, backend: str = "process",
+                 threads: int | None = None, record=None) -> None:
         if backend not in BACKENDS:
             raise InputError(f"strategy backend: expected one of {', '.join(BACKENDS)}, "
                              f"got {backend!r}")
@@ -329,7 +482,7 @@ class WorkerPool:
         dtype = params[0].dtype
         self.models: list[torch.nn.Module] = []
         self.params: list[list[torch.Tensor]] = []
-        self.grads: list[torch.Tensor] = []
+        self.buffers: list[list[torch.Tensor]] = []
         self._closed = False
         self._busy: set[int] = set()
         self._procs: list = []
@@ -337,83 +490,94 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self._inboxes: list[queue.SimpleQueue] = []
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: dict[int, Any] = {}
+        self._replies: dict[int, Any] = {}
         self._comms: list = []
         self._saved_threads = torch.get_num_threads()
-        spec = None
-        if hogwild is not None:
-            materialize_state(hogwild)
-            if backend == "process":
-                for t in params + _state_tensors(hogwild):
-                    t.share_memory_()
-            spec = (params, (type(hogwild), dict(hogwild.defaults), hogwild.state_dict()))
+        ctx = mp.get_context("spawn") if backend == "process" else threading
+        self.sync = _Sync(ctx, workers)
+        materialize_state(optimizer)
+        share = backend == "process"
+        if share:
+            for t in params + _state_tensors(optimizer):
+                t.share_memory_()
+        self._global = params
+        shared = (params, (type(optimizer), dict(optimizer.defaults), optimizer.state_dict()))
         self._finalizer = weakref.finalize(self, _stop, self._procs, self._conns,
-                                           self._threads, self._inboxes)
+                                           self._threads, self._inboxes, self.sync)
         try:
+            propagator = getattr(model, "propagator", None)
             for w in range(workers):
-                if backend == "process":
-                    replica = replicate(model, copy.deepcopy(getattr(model, "propagator", None)))
-                    grads = torch.zeros(n + 1, dtype=dtype).share_memory_()
+                if share:
+                    replica = replicate(model, copy.deepcopy(propagator))
                     for p in replica.parameters():
                         p.share_memory_()
                 else:
-                    replica = replicate(model, thread_propagator(getattr(model, "propagator",
-                                                                         None)))
-                    grads = torch.zeros(n + 1, dtype=dtype)
-                    prop_comm = getattr(replica.propagator, "comm", None) \
+                    replica = replicate(model, thread_propagator(propagator))
+                    comm = getattr(replica.propagator, "comm", None) \
                         if hasattr(replica, "propagator") else None
-                    if prop_comm is not None:
-                        self._comms.append(prop_comm)
+                    if comm is not None:
+                        self._comms.append(comm)
+                buffers = [torch.zeros(n + 1, dtype=dtype) for _ in range(2)]
+                if share:
+                    buffers = [b.share_memory_() for b in buffers]
                 self.models.append(replica)
                 self.params.append(list(replica.parameters()))
-                self.grads.append(grads)
-            if backend == "process":
-                self._start_processes(local_step, spec)
+                self.buffers.append(buffers)
+            self.grads = [b[0] for b in self.buffers]
+            if share:
+                self._start_processes(local_step, shared)
             else:
                 torch.set_num_threads(self.threads)
-                self._start_threads(local_step, spec)
+                self._start_threads(local_step, shared, record)
+            for w in range(workers):        # every worker reports once it is set up
+                self._busy.add(w)
+                self._wait(w)
         except BaseException:
             self.close()
             raise
 
     # -- start-up -----------------------------------------------------------
-    def _start_processes(self, local_step: LocalStep, spec) -> None:
+    def _start_processes(self, local_step: LocalStep, shared) -> None:
         ctx = mp.get_context("spawn")
         with _child_environment(self.threads):
             for w in range(self.workers):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(target=_process_main, name=f"mgrit-gru-worker-{w}",
-                                   args=(w, self.models[w], local_step, self.grads[w], child,
-                                         self.threads, spec), daemon=True)
+                                   args=(w, self.models[w], local_step, self.buffers, shared,
+                                         self.sync, child, self.threads), daemon=True)
                 proc.start()
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
-        for w in range(self.workers):        # every child reports once it is set up
-            self._busy.add(w)
-            self.wait(w)
 
-    def _start_threads(self, local_step: LocalStep, spec) -> None:
+    def _start_threads(self, local_step: LocalStep, shared, record) -> None:
+        if record is not None:
+            lock = threading.Lock()
+            user_record = record
+
+            def record(replica, batch):
+                with lock:
+                    user_record(replica, batch)
+
         for w in range(self.workers):
-            job = _Job(self.models[w], local_step, self.grads[w], spec)
             inbox: queue.SimpleQueue = queue.SimpleQueue()
-            thread = threading.Thread(target=_thread_main, name=f"mgrit-gru-worker-{w}",
-                                      args=(w, job, inbox, self._outbox), daemon=True)
+
+            def factory(w=w):
+                return _Worker(w, self.models[w], local_step, self.buffers, shared,
+                               self.sync, record)
+
+            def reply(message, w=w) -> bool:
+                self._outbox.put((w, message))
+                return True
+
+            thread = threading.Thread(target=_serve, name=f"mgrit-gru-worker-{w}",
+                                      args=(factory, inbox.get, reply), daemon=True)
             thread.start()
             self._inboxes.append(inbox)
             self._threads.append(thread)
 
-    # -- jobs -----------------------------------------------------------------
-    @torch.no_grad()
-    def load(self, w: int, params: Sequence[torch.Tensor]) -> None:
-        """Copy ``params`` (the global parameters) into worker ``w``'s replica."""
-        if w in self._busy:
-            raise RuntimeError(f"worker {w} is busy")
-        for dst, src in zip(self.params[w], params):
-            dst.copy_(src)
-
-    def submit(self, w: int, batch: Any) -> None:
-        """Start worker ``w`` on ``batch``."""
+    # -- messages -----------------------------------------------------------
+    def _send(self, w: int, job) -> None:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
         if w in self._busy:
@@ -421,42 +585,20 @@ class WorkerPool:
         self._busy.add(w)
         if self.backend == "process":
             try:
-                self._conns[w].send(batch)
+                self._conns[w].send(job)
             except (BrokenPipeError, OSError):
                 raise RuntimeError(f"strategy worker {w} (pid {self._procs[w].pid}) "
                                    f"has died") from None
         else:
-            self._inboxes[w].put(batch)
-
-    def wait(self, w: int) -> None:
-        """Wait until worker ``w`` has finished its job; raise its exception."""
-        if w not in self._busy:
-            raise RuntimeError(f"worker {w} has no job")
-        if self.backend == "process":
-            self._finish(w, self._receive(w))
-            return
-        while w not in self._done:
-            v, result = self._outbox.get()
-            self._done[v] = result
-        self._finish(w, self._done.pop(w))
-
-    def wait_any(self) -> int:
-        """Wait until some busy worker has finished; return its index."""
-        if not self._busy:
-            raise RuntimeError("no worker has a job")
-        if self.backend == "process":
-            ready = wait_connections([self._conns[w] for w in sorted(self._busy)])
-            w = self._conns.index(ready[0])
-            self._finish(w, self._receive(w))
-            return w
-        if not self._done:
-            v, result = self._outbox.get()
-            self._done[v] = result
-        w = next(iter(self._done))
-        self._finish(w, self._done.pop(w))
-        return w
+            self._inboxes[w].put(job)
 
     def _receive(self, w: int):
+        """Worker ``w``'s next reply ``(status, value)``."""
+        if self.backend == "thread":
+            while w not in self._replies:
+                v, message = self._outbox.get()
+                self._replies[v] = message
+            return self._replies.pop(w)
         try:
             return self._conns[w].recv()
         except (EOFError, OSError):
@@ -467,14 +609,66 @@ class WorkerPool:
                                f"processes needs an `if __name__ == '__main__':` guard, "
                                f"since they import it") from None
 
-    def _finish(self, w: int, failure) -> None:
+    def _wait(self, w: int):
+        """Wait for worker ``w``'s reply; raise its failure; return its value."""
+        if w not in self._busy:
+            raise RuntimeError(f"worker {w} has no job")
+        status, value = self._receive(w)
         self._busy.discard(w)
-        if failure is not None:
-            _raise(w, failure)
+        if status == "error":
+            _raise(w, value)
+        if status == "aborted":
+            raise RuntimeError(f"strategy worker {w} stopped: another worker failed")
+        return value
+
+    # -- direct epochs --------------------------------------------------------
+    def run_epoch(self, kind: str, batches: Sequence[Any]) -> tuple[float, int]:
+        """Run a direct epoch (``mutex``, ``averaging``, ``hogwild``) over
+        ``batches``; ``(sum of the minibatch losses, minibatches)``. A
+        worker's failure stops all of them and is raised here."""
+        if kind not in EPOCH_KINDS:
+            raise ValueError(f"unknown epoch kind {kind!r}")
+        if self.sync.abort.is_set():
+            raise RuntimeError("a worker failed in an earlier epoch; the pool cannot go on")
+        k = len(batches)
+        if kind == "mutex":
+            for w in range(self.workers):
+                self.load(w, self._global)
+            if k:
+                self.sync.turns[0].release()
+        for w in range(self.workers):
+            self._send(w, (kind, (list(batches[w::self.workers]), k)))
+        results, failures = [], []
+        for w in range(self.workers):
+            try:
+                results.append(self._wait(w))
+            except (InputError, RuntimeError) as exc:
+                failures.append(exc)
+        if failures:
+            real = [f for f in failures if "another worker failed" not in str(f)]
+            raise (real or failures)[0]
+        return sum(r[0] for r in results), sum(r[1] for r in results)
+
+    # -- gradient jobs ----------------------------------------------------------
+    @torch.no_grad()
+    def load(self, w: int, params: Sequence[torch.Tensor]) -> None:
+        """Copy ``params`` (the global parameters) into worker ``w``'s replica."""
+        if w in self._busy:
+            raise RuntimeError(f"worker {w} is busy")
+        _copy_params(self.params[w], params)
+
+    def submit(self, w: int, batch: Any) -> None:
+        """Start worker ``w`` on the gradient and loss of ``batch`` (into
+        :attr:`grads` ``[w]``)."""
+        self._send(w, ("gradient", batch))
+
+    def wait(self, w: int) -> None:
+        """Wait until worker ``w`` has finished its gradient job."""
+        self._wait(w)
 
     # -- shutdown -------------------------------------------------------------
     def close(self) -> None:
-        """Stop every worker (terminate those that do not stop within
+        """Stop every worker (terminate processes that do not stop within
         :data:`STOP_TIMEOUT`), free the workers' communicators. Idempotent."""
         if self._closed:
             return
@@ -492,9 +686,10 @@ class WorkerPool:
         return [p.pid for p in self._procs]
 
 
-def _stop(procs: list, conns: list, threads: list, inboxes: list) -> None:
+def _stop(procs: list, conns: list, threads: list, inboxes: list, sync: _Sync) -> None:
     """Ask every worker to stop, then wait; terminate (and kill) processes
     that do not stop in time. Also run at garbage collection and exit."""
+    sync.fail()                 # workers still in an epoch leave it
     for conn in conns:
         with contextlib.suppress(OSError):
             conn.send(None)

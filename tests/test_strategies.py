@@ -146,13 +146,14 @@ def test_one_worker_thread_reproduces_sequential_adam(name):
 # --------------------------------------------------------------------------- #
 # averaging: one step on the concatenated minibatches
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("workers, backend", [(2, "thread"), (3, "thread")])
-def test_averaging_is_one_step_on_concatenated_batches(workers, backend):
+@pytest.mark.parametrize("workers, path", [(2, "direct"), (3, "direct"), (2, "coordinated")])
+def test_averaging_is_one_step_on_concatenated_batches(workers, path):
     run = Run("gru", n=16 * workers)
     reference = copy.deepcopy(run.model)
     batches = run.batches(1)
-    with make_strategy("averaging", workers, backend) as strategy:
-        result = strategy.run_epoch(run.model, run.optimizer, batches, run.step)
+    step = Coordinated(run.step) if path == "coordinated" else run.step
+    with make_strategy("averaging", workers, "thread") as strategy:
+        result = strategy.run_epoch(run.model, run.optimizer, batches, step)
     assert result["updates"] == 1
     # the truth: mean loss over all K * 16 samples, autograd, one plain SGD step
     idx = torch.from_numpy(np.concatenate(batches))
@@ -168,35 +169,60 @@ def test_averaging_is_one_step_on_concatenated_batches(workers, backend):
 # --------------------------------------------------------------------------- #
 # mutex: the delayed-gradient schedule, written out
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("workers, backend", [(2, "process"), (3, "thread")])
-def test_mutex_follows_the_implicit_aggregation_schedule(workers, backend):
-    """Update j applies the gradient of minibatch j taken at the parameters
-    after update max(0, j - K + 1): worker j % K last loaded them."""
-    run = Run("rnn", n=80, dtype="float64")
-    batches = run.batches(1)
-    thetas = [run.params()]
+class Coordinated:
+    """One rank's step function claiming two data groups, with an identity
+    reduction: the strategies take their coordinated path (as with MPI)."""
+
+    data_groups = 2
+    record = None
+
+    def __init__(self, step):
+        self.local = step.local
+
+    def reduce_(self, flat):
+        return flat
+
+    def __call__(self, model, idx):  # pragma: no cover - strategies with workers use .local
+        raise AssertionError
+
+
+@pytest.mark.parametrize("workers, backend, path", [(2, "process", "direct"),
+                                                    (3, "thread", "direct"),
+                                                    (3, "thread", "coordinated")])
+def test_mutex_follows_the_implicit_aggregation_schedule(workers, backend, path):
+    """In each epoch, update j applies the gradient of minibatch j taken at
+    the parameters after update max(0, j - K + 1) of that epoch: worker j % K
+    last loaded them (all workers start from the epoch's parameters)."""
+    run = Run("rnn", n=48, dtype="float64")
+    epochs = [run.batches(e, 7) for e in (1, 2, 3)]        # k = 7: K does not divide it
+    theta = run.params()
     scratch = copy.deepcopy(run.model)
-    for j, idx in enumerate(batches):
-        with torch.no_grad():
-            for p, v in zip(scratch.parameters(), thetas[max(0, j - workers + 1)]):
-                p.copy_(v)
-        for p in scratch.parameters():
-            p.grad = None
-        x, y, lengths = run.data.take(idx)
-        torch.nn.functional.cross_entropy(scratch(x, lengths), y).backward()
-        thetas.append([v - 0.05 * p.grad for v, p in zip(thetas[-1], scratch.parameters())])
+    for batches in epochs:
+        thetas = [theta]
+        for j, idx in enumerate(batches):
+            with torch.no_grad():
+                for p, v in zip(scratch.parameters(), thetas[max(0, j - workers + 1)]):
+                    p.copy_(v)
+            for p in scratch.parameters():
+                p.grad = None
+            x, y, lengths = run.data.take(idx)
+            torch.nn.functional.cross_entropy(scratch(x, lengths), y).backward()
+            thetas.append([v - 0.05 * p.grad for v, p in zip(thetas[-1], scratch.parameters())])
+        theta = thetas[-1]
+    step = Coordinated(run.step) if path == "coordinated" else run.step
     with make_strategy("mutex", workers, backend) as strategy:
-        result = strategy.run_epoch(run.model, run.optimizer, batches, run.step)
+        results = [strategy.run_epoch(run.model, run.optimizer, batches, step)
+                   for batches in epochs]
         pids = strategy.pool.pids
         assert len(pids) == (workers if backend == "process" else 0)
     assert not any(alive(p) for p in pids)
     assert worker_threads() == []
-    assert result["updates"] == len(batches)
-    for p, v in zip(run.model.parameters(), thetas[-1]):
+    assert [r["updates"] for r in results] == [7, 7, 7]
+    for p, v in zip(run.model.parameters(), theta):
         torch.testing.assert_close(p.detach(), v, rtol=0, atol=1e-12)
     # and it is not the sequential run (the test can tell them apart)
-    sequential = Run("rnn", n=80, dtype="float64")
-    sequential.train("sequential")
+    sequential = Run("rnn", n=48, dtype="float64")
+    sequential.train("sequential", epochs=3, batch_size=7)
     assert not all(torch.equal(p, q) for p, q in
                    zip(run.model.parameters(), sequential.model.parameters()))
 
@@ -204,12 +230,16 @@ def test_mutex_follows_the_implicit_aggregation_schedule(workers, backend):
 # --------------------------------------------------------------------------- #
 # number of updates, counted by Adam itself
 # --------------------------------------------------------------------------- #
-@pytest.mark.parametrize("name, workers", [("mutex", 2), ("averaging", 2), ("averaging", 3),
-                                           ("hogwild", 2)])
-def test_updates_per_epoch(name, workers):
+@pytest.mark.parametrize("name, workers, path", [
+    ("mutex", 2, "direct"), ("averaging", 2, "direct"), ("averaging", 3, "direct"),
+    ("hogwild", 2, "direct"), ("mutex", 2, "coordinated"), ("averaging", 3, "coordinated")])
+def test_updates_per_epoch(name, workers, path):
     run = Run("gru", "adam", n=70)          # k = 5 minibatches, the last of 6
     k = 5
-    results = run.train(name, workers, "thread", epochs=2)
+    step = Coordinated(run.step) if path == "coordinated" else run.step
+    with make_strategy(name, workers, "thread") as strategy:
+        results = [strategy.run_epoch(run.model, run.optimizer, run.batches(epoch), step)
+                   for epoch in (1, 2)]
     expected = k if name != "averaging" else math.ceil(k / workers)
     assert [r["updates"] for r in results] == [expected, expected]
     assert all(math.isfinite(r["train_loss"]) for r in results)
