@@ -334,11 +334,12 @@ class Averaging(_WithWorkers):
 
 
 class Hogwild(_WithWorkers):
-    """Lock-free updates (Niu et al.; Deyringer et al.): worker ``w`` takes
-    minibatches ``w, w + K, ...``; for each it copies the shared parameters,
-    computes the gradient and applies it to the shared parameters with its
-    own optimizer instance over the shared optimizer state, with no lock;
-    ``k`` updates per epoch. One rank only (one data group, one time rank).
+    """Lock-free updates (Niu et al.; Deyringer et al.): each worker takes the
+    next minibatch nobody has taken, copies the shared parameters, computes
+    the gradient and applies it to the shared parameters with its own
+    optimizer instance over the shared optimizer state, with no lock on the
+    model; ``k`` updates per epoch. One rank only (one data group, one time
+    rank).
     """
 
     name = "hogwild"

@@ -20,9 +20,9 @@ optimizer instance over them. The pool runs work in two ways:
     replica with its own copy of the optimizer (identical arithmetic, so the
     replicas stay identical); worker 0 writes the result back to the global
     model and optimizer at the end of the epoch;
-  - ``hogwild``: worker ``w`` has minibatches ``w, w + K, ...``; for each it
-    copies the global parameters, computes the gradient and updates the
-    global model, with no lock at all.
+  - ``hogwild``: each worker takes the next minibatch nobody has taken (a
+    shared counter), copies the global parameters, computes the gradient and
+    updates the global model, with no lock on the model at all.
 
 * **Gradient jobs** (:meth:`load`, :meth:`submit`, :meth:`wait`), for a
   coordinator that makes the updates itself (with several MPI data groups the
@@ -58,6 +58,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 import weakref
 from typing import Any, Callable, Sequence
@@ -78,6 +79,10 @@ STOP_TIMEOUT = 5.0
 
 #: Seconds between checks of the abort flag while a worker waits for its turn.
 POLL = 0.2
+
+#: Seconds a worker process polls before it sleeps while waiting for another
+#: worker (threads never poll); see :class:`_Sync`.
+SPIN = 0.005
 
 LocalStep = Callable[[torch.nn.Module, Any], float]
 
@@ -225,33 +230,71 @@ class Aborted(Exception):
 
 class _Sync:
     """What the workers of a direct epoch synchronise with: a ring of
-    semaphores (whose turn it is to update, mutex), a barrier (the end of a
-    round, averaging) and an abort flag (a worker failed). ``ctx`` is a
-    multiprocessing context or the ``threading`` module."""
+    semaphores (whose turn it is to update, mutex), one semaphore per worker
+    for the end of a round (averaging: every worker posts one to each other
+    worker and takes ``K - 1`` from its own), and an abort flag (a worker
+    failed). ``ctx`` is a multiprocessing context or the ``threading`` module.
 
-    def __init__(self, ctx, workers: int) -> None:
+    A waiting worker first polls its semaphore for up to ``spin`` seconds,
+    then blocks: on a virtual machine, waking a sleeping process costs the
+    hypervisor's idle-exit latency at every turn (see docs/strategies.md),
+    while the wait itself is usually shorter than one minibatch. Threads must
+    not spin (a spinning thread holds the GIL): ``spin = 0``.
+    """
+
+    def __init__(self, ctx, workers: int, spin: float) -> None:
+        self.workers, self.spin = workers, spin
         self.turns = [ctx.Semaphore(0) for _ in range(workers)]
-        self.barrier = ctx.Barrier(workers)
+        self.arrivals = [ctx.Semaphore(0) for _ in range(workers)]
         self.abort = ctx.Event()
+        self.lock = ctx.Lock()
+        self.next = ctx.Value("q", 0, lock=False) if ctx is not threading else _Box()
+
+    def take_next(self) -> int:
+        """The index of the next minibatch nobody has taken (Hogwild)."""
+        with self.lock:
+            j = self.next.value
+            self.next.value = j + 1
+        return j
 
     def fail(self) -> None:
-        """Make every waiting worker leave its epoch."""
+        """Make every waiting worker leave its epoch (within :data:`POLL`)."""
         self.abort.set()
-        self.barrier.abort()
 
     def check(self) -> None:
         if self.abort.is_set():
             raise Aborted
 
-    def take_turn(self, w: int) -> None:
-        while not self.turns[w].acquire(timeout=POLL):
+    def _acquire(self, semaphore) -> None:
+        if self.spin > 0:
+            deadline = time.perf_counter() + self.spin
+            while time.perf_counter() < deadline:
+                if semaphore.acquire(False):
+                    return
+        while not semaphore.acquire(timeout=POLL):
             self.check()
 
-    def meet(self) -> None:
-        try:
-            self.barrier.wait()
-        except threading.BrokenBarrierError:
-            raise Aborted from None
+    def take_turn(self, w: int) -> None:
+        """Wait until worker ``w`` may update (mutex)."""
+        self._acquire(self.turns[w])
+
+    def pass_turn(self, w: int) -> None:
+        """Let the worker after ``w`` update."""
+        self.turns[(w + 1) % self.workers].release()
+
+    def meet(self, w: int) -> None:
+        """Wait until every worker has reached this point of its round."""
+        for v in range(self.workers):
+            if v != w:
+                self.arrivals[v].release()
+        for _ in range(self.workers - 1):
+            self._acquire(self.arrivals[w])
+
+
+class _Box:
+    """A ``multiprocessing.Value`` stand-in for threads."""
+
+    value = 0
 
 
 class _Worker:
@@ -309,13 +352,14 @@ class _Worker:
         return getattr(self, "_" + kind)(batches, k)
 
     def _hogwild(self, batches: list, k: int) -> tuple[float, int]:
-        total = 0.0
-        for batch in batches:
+        total, count = 0.0, 0
+        while (j := self.sync.take_next()) < k:
             self.sync.check()
             _copy_params(self.params, self.shared)
-            total += self.gradient(batch)
+            total += self.gradient(batches[j])
             self.step_global()
-        return total, len(batches)
+            count += 1
+        return total, count
 
     def _mutex(self, batches: list, k: int) -> tuple[float, int]:
         # the replica holds the global parameters (loaded by the pool: a worker
@@ -327,9 +371,8 @@ class _Worker:
             self.sync.take_turn(self.w)
             self.step_global()
             _copy_params(self.params, self.shared)
-            j = self.w + i * K
-            if j + 1 < k:
-                self.sync.turns[(self.w + 1) % K].release()
+            if self.w + i * K + 1 < k:
+                self.sync.pass_turn(self.w)
         return total, len(batches)
 
     def _averaging(self, batches: list, k: int) -> tuple[float, int]:
@@ -345,7 +388,7 @@ class _Worker:
             m, parity = min(K, k - r * K), r % 2
             if self.w < m:
                 total += self.gradient(batches[r], parity)
-            self.sync.meet()
+            self.sync.meet(self.w)
             mean = self.mean
             mean.copy_(self.buffers[0][parity])
             for v in range(1, m):
@@ -494,7 +537,7 @@ class WorkerPool:
         self._comms: list = []
         self._saved_threads = torch.get_num_threads()
         ctx = mp.get_context("spawn") if backend == "process" else threading
-        self.sync = _Sync(ctx, workers)
+        self.sync = _Sync(ctx, workers, SPIN if backend == "process" else 0.0)
         materialize_state(optimizer)
         share = backend == "process"
         if share:
@@ -636,8 +679,13 @@ class WorkerPool:
                 self.load(w, self._global)
             if k:
                 self.sync.turns[0].release()
+        if kind == "hogwild":             # every worker takes the next free minibatch
+            self.sync.next.value = 0
+            shares = [list(batches)] * self.workers
+        else:
+            shares = [list(batches[w::self.workers]) for w in range(self.workers)]
         for w in range(self.workers):
-            self._send(w, (kind, (list(batches[w::self.workers]), k)))
+            self._send(w, (kind, (shares[w], k)))
         results, failures = [], []
         for w in range(self.workers):
             try:
