@@ -81,8 +81,17 @@ STOP_TIMEOUT = 5.0
 POLL = 0.2
 
 #: Seconds a worker process polls before it sleeps while waiting for another
-#: worker (threads never poll); see :class:`_Sync`.
+#: worker (threads never poll, nor processes that outnumber the cores); see
+#: :class:`_Sync`.
 SPIN = 0.005
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 LocalStep = Callable[[torch.nn.Module, Any], float]
 
@@ -537,7 +546,8 @@ class WorkerPool:
         self._comms: list = []
         self._saved_threads = torch.get_num_threads()
         ctx = mp.get_context("spawn") if backend == "process" else threading
-        self.sync = _Sync(ctx, workers, SPIN if backend == "process" else 0.0)
+        spin = SPIN if backend == "process" and workers <= _usable_cores() else 0.0
+        self.sync = _Sync(ctx, workers, spin)
         materialize_state(optimizer)
         share = backend == "process"
         if share:
