@@ -168,7 +168,7 @@ def table(runs: list[dict], header: dict) -> str:
              f"{header['hidden']}, batch {header['batch_size']}, {header['optimizer']} lr "
              f"{header['lr']}, K = {header['workers']} worker processes (1 torch thread each; "
              f"sequential: 1 thread), epochs of a cell's runs interleaved. "
-             f"Command: `{header['command']}`.", "",
+             "Command: " + "; then ".join(f"`{c}`" for c in header["commands"]) + ".", "",
              "| cell | strategy | precision | recall | F-measure | training time (s) | "
              "speedup T(1)/T(K) | updates/epoch | other load |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -203,16 +203,21 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = {"sequential": dict(marker="o", linestyle="-", markersize=6, linewidth=2.5),
+              "mutex": dict(marker="s", linestyle="--", markersize=4),
+              "averaging": dict(marker="^", linestyle="-", markersize=4),
+              "hogwild": dict(marker="x", linestyle=":", markersize=5)}
     cells = list(dict.fromkeys(r["cell"] for r in runs))
     fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.2), squeeze=False,
                              sharey=True)
     for ax, cell in zip(axes[0], cells):
         for r in (r for r in runs if r["cell"] == cell):
             epochs = range(1, len(r["train_loss"]) + 1)
-            ax.plot(epochs, r["train_loss"], marker="o", markersize=3,
-                    label=STRATEGIES[r["strategy"]])
+            ax.plot(epochs, r["train_loss"], label=STRATEGIES[r["strategy"]],
+                    **styles[r["strategy"]])
         ax.set_title(CELLS[cell])
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (mean cross-entropy)")
     axes[0][-1].legend()
@@ -220,6 +225,45 @@ def plot(runs: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+#: Options that must agree for --replace to merge runs.
+_SAME = ("data", "workers", "epochs", "hidden", "batch_size", "lr", "optimizer", "pooling",
+         "seed", "max_train", "max_test")
+
+
+def _merge(path: Path, args, runs: list[dict], command: str) -> tuple[list[dict], list[str]]:
+    """The runs of ``path`` for other cells plus ``runs``, in cell order; the
+    commands that made them."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"file {path}: cannot read the runs to replace ({e})") from None
+    differ = [k for k in _SAME if old["options"].get(k) != getattr(args, k)]
+    if differ:
+        raise InputError(f"file {path}: made with other options ({', '.join(differ)}); "
+                         f"cannot merge")
+    new_cells = {r["cell"] for r in runs}
+    merged = [r for r in old["runs"] if r["cell"] not in new_cells] + runs
+    order = list(CELLS)
+    merged.sort(key=lambda r: (order.index(r["cell"]), list(STRATEGIES).index(r["strategy"])))
+    commands = old["header"].get("commands", [old["header"].get("command", "")])
+    return merged, commands + [command]
+
+
+def _redraw(path: Path, args) -> int:
+    """Table and plot from the runs stored in ``path``."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"file {path}: cannot read the runs ({e})") from None
+    text = table(result["runs"], result["header"])
+    print(text)
+    if args.doc:
+        write_table(Path(args.doc), text)
+    if args.figure:
+        plot(result["runs"], Path(args.figure))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -242,6 +286,11 @@ def main(argv=None) -> int:
                    help="markdown file whose table markers receive the table ('' to skip)")
     p.add_argument("--figure", default=str(ROOT / "docs" / "figures" / "strategies_loss.png"),
                    help="loss plot ('' to skip)")
+    p.add_argument("--redraw", action="store_true",
+                   help="no training: table and plot from the runs in --out")
+    p.add_argument("--replace", action="store_true",
+                   help="keep the other cells' runs of --out (same options) and replace "
+                        "those of --cells, e.g. after another job loaded the machine")
     args = p.parse_args(argv)
     cells = args.cells.split(",")
     strategies = args.strategies.split(",")
@@ -251,6 +300,8 @@ def main(argv=None) -> int:
     for s in strategies:
         if s not in STRATEGIES:
             p.error(f"--strategies: unknown strategy {s!r}")
+    if args.redraw:
+        return _redraw(Path(args.out), args)
     torch.set_num_threads(1)
     tic = time.perf_counter()
     dataset = load_dataset(args.data, max_train=args.max_train, max_test=args.max_test)
@@ -264,19 +315,22 @@ def main(argv=None) -> int:
                   f"{record['train_seconds']:7.1f} s  start-up "
                   f"{record['startup_seconds']:4.1f} s  other load "
                   f"{record['foreign_load'] or 0:.2f}", flush=True)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))
+    commands = [command]
+    out = Path(args.out)
+    if args.replace:
+        runs, commands = _merge(out, args, runs, command)
     add_speedups(runs)
     n_train = "all training sequences" if args.max_train is None \
         else f"first {args.max_train} training sequences"
     header = {"data": Path(args.data).name, "train": n_train, "epochs": args.epochs,
               "hidden": args.hidden, "batch_size": args.batch_size,
               "optimizer": args.optimizer.upper() if args.optimizer == "sgd" else args.optimizer,
-              "lr": args.lr, "workers": args.workers,
-              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:]))}
+              "lr": args.lr, "workers": args.workers, "commands": commands}
     result = {"options": vars(args), "header": header, "runs": runs,
               "total_seconds": time.perf_counter() - tic,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cores": os.cpu_count(), "machine": platform.processor()}}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     text = table(runs, header)
@@ -290,4 +344,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except InputError as e:
+        print(f"compare_strategies: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -85,6 +85,8 @@ POLL = 0.2
 #: :class:`_Sync`.
 SPIN = 0.005
 
+LocalStep = Callable[[torch.nn.Module, Any], float]
+
 
 def _usable_cores() -> int:
     """Cores this process may run on."""
@@ -92,8 +94,6 @@ def _usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-LocalStep = Callable[[torch.nn.Module, Any], float]
 
 
 # --------------------------------------------------------------------------- #
@@ -228,8 +228,6 @@ def _copy_params(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> No
         d.copy_(s)
 
 
-
-
 # --------------------------------------------------------------------------- #
 # the work of one worker (runs in its thread or process)
 # --------------------------------------------------------------------------- #
@@ -326,8 +324,8 @@ class _Worker:
         self.shared = [torch.nn.Parameter(q.detach(), requires_grad=False) for q in shared[0]]
         self.spec = shared[1]
         self.optimizer = _make_optimizer(self.spec, self.shared)
-        self.private = None             # averaging: this worker's copy of the optimizer
-        self.mean = None
+        self.private = None             # averaging: this worker's copy of the optimizer,
+        self.mean = self.mean_views = None  # and the mean gradient of a round
 
     # -- pieces ---------------------------------------------------------------
     def gradient(self, batch: Any, buffer: int | None = None) -> float:
