@@ -39,6 +39,7 @@ DTYPES = ("float32", "float64")
 PROPAGATORS = ("serial", "autograd", "mgrit")
 RELAXATIONS = ("F", "FCF")
 CYCLES = ("V", "F")
+COARSE_INPUTS = ("end", "mean")
 STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
 PROGRESS = ("auto", "on", "off")
 
@@ -110,6 +111,19 @@ class TrainConfig:
                           "fwd_iters iterations)")
     bwd_tol: float = _opt(0.0, "backward residual tolerance (0: run exactly "
                           "bwd_iters iterations)")
+    fwd_rtol: float = _opt(0.0, "forward tolerance relative to the first residual "
+                           "(0: off; fwd_iters is then the cap)")
+    bwd_rtol: float = _opt(0.0, "backward tolerance relative to the first residual "
+                           "(0: off; bwd_iters is then the cap)")
+    nested: bool = _opt(False, "nested iteration: initial guess of each solve from "
+                        "the coarsest level up (full multigrid)")
+    warm_start: bool = _opt(False, "initial guess of a training sequence's forward and "
+                            "adjoint solves from its solution of the previous epoch")
+    warm_start_mb: float = _opt(1024.0, "memory cap per rank of the warm-start store "
+                                "in MB (sequences beyond it start cold)")
+    coarse_input: str = _opt("end", "input of a coarse step: the input at the interval's "
+                             "end point or the mean of the interval's input projections",
+                             choices=COARSE_INPUTS)
     relax: str | tuple[str, ...] = _opt(("F", "FCF"), "relaxation: F or FCF, or a "
                                         "comma-separated list per level from "
                                         "the finest (the last entry repeats)",
@@ -119,6 +133,10 @@ class TrainConfig:
                                 "iteration too (N/m more steps per solve)")
     skip_first_relax: bool = _opt(False, "skip the relaxation on the first "
                                   "down-cycle of each solve")
+    exact_last_epochs: int = _opt(0, "train the last N epochs with the exact serial "
+                                  "recurrence (with propagator = mgrit)")
+    grad_check_every: int = _opt(0, "every N epochs compare the MGRIT gradient of a fixed "
+                                 "probe batch with the exact one (0: off)")
     # output
     out: str | None = _opt(None, "run folder (default: runs/<timestamp>-<cell>)",
                            kind="str")
@@ -155,6 +173,9 @@ _POSITIVE = {"hidden", "epochs", "batch_size", "workers", "threads", "levels",
              "checkpoint_every", "fwd_iters", "bwd_iters"}
 
 
+_NON_NEGATIVE = {"exact_last_epochs", "grad_check_every"}
+
+
 def flag(name: str) -> str:
     """The CLI flag of an option: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
@@ -178,6 +199,8 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
             raise InputError(f"{where}: expected an integer, got {value!r}")
         if name in _POSITIVE and value < 1:
             raise InputError(f"{where}: must be at least 1, got {value}")
+        if name in _NON_NEGATIVE and value < 0:
+            raise InputError(f"{where}: must be >= 0, got {value}")
         if name == "seed" and value < 0:
             raise InputError(f"{where}: must be >= 0, got {value}")
         if name == "cfactor" and value < 2:

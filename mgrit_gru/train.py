@@ -155,9 +155,12 @@ def make_propagator(config: TrainConfig, time_comm: Comm):
     options = MGRITOptions(levels=config.levels, cfactor=config.cfactor,
                            fwd_iters=config.fwd_iters, bwd_iters=config.bwd_iters,
                            fwd_tol=config.fwd_tol, bwd_tol=config.bwd_tol,
+                           fwd_rtol=config.fwd_rtol, bwd_rtol=config.bwd_rtol,
                            relax=config.relax, skip_first_relax=config.skip_first_relax,
                            final_residual=config.final_residual,
-                           cycle=config.cycle)
+                           cycle=config.cycle, nested=config.nested,
+                           warm_start=config.warm_start, warm_start_mb=config.warm_start_mb,
+                           coarse_input=config.coarse_input)
     return MGRITPropagator(time_comm, options)
 
 

@@ -159,7 +159,12 @@ def test_saved_hidden_projections_are_those_of_the_final_states(opts):
     *_, h, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
     assert hw is not None
     with torch.no_grad():
-        assert torch.equal(hw, model.cell.hidden_projection(model.cell.hidden(h)))
+        # step by step, not one batched GEMM over all steps: a differently blocked
+        # product may differ in the last bit (seen on AMD EPYC), so compare with a
+        # float64 tolerance far below any stale projection's error (O(1e-3) here)
+        for t in range(h.shape[0]):
+            want = model.cell.hidden_projection(model.cell.hidden(h[t]))
+            torch.testing.assert_close(hw[t], want, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("opts", [MGRITOptions(final_residual=False),
