@@ -139,21 +139,88 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+_TEST_METRICS = ("test_accuracy", "test_f1", "test_loss", "test_precision", "test_recall")
+_SOLVER_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
+_SOLVER_SUMS = ("fwd_steps", "bwd_steps", "serial_batches")
+_GRAD_CHECK = ("grad_cosine", "grad_rel_error")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _info_lines(metrics: dict) -> list[str]:
+    """The lines of ``mgrit-gru info`` below its header: the test metrics
+    (exact and, with mgrit, inexact), the solver statistics and the gradient
+    check of the last epoch, then the other fields of ``final``."""
+    final = dict(metrics["final"])
+    lines, shown = [], set()
+    inference = final.get("inference")
+    if inference == "exact":
+        lines.append("  test metrics: exact inference (the serial recurrence)"
+                     + ("; inexact: under the training forward (mgrit)"
+                        if "test_accuracy_inexact" in final else ""))
+    elif any(k in final for k in _TEST_METRICS):
+        lines.append("  test metrics: under the training propagator "
+                     f"({metrics.get('config', {}).get('propagator', '?')})")
+    has_inexact = any(f"{k}_inexact" in final for k in _TEST_METRICS)
+    if any(k in final for k in _TEST_METRICS):
+        lines.append(f"    {'':<20} {'exact' if inference == 'exact' else 'value':>12}"
+                     + (f" {'inexact':>12}" if has_inexact else ""))
+    for key in _TEST_METRICS:
+        if key in final:
+            line = f"    {key:<20} {_fmt(final[key]):>12}"
+            if has_inexact:
+                line += f" {_fmt(final.get(f'{key}_inexact')):>12}"
+            lines.append(line)
+            shown |= {key, f"{key}_inexact"}
+    if any(k in final for k in _SOLVER_STATS + _SOLVER_SUMS):
+        shown |= {*_SOLVER_STATS, *_SOLVER_SUMS, *(f"{k}_max" for k in _SOLVER_STATS)}
+        # the last epoch trained with mgrit (the last ones may be serial: exact_last_epochs)
+        solved = [e for e in metrics.get("epochs", []) if e.get("fwd_iters") is not None]
+        stats = final if final.get("fwd_iters") is not None or not solved else solved[-1]
+        lines.append(f"  MGRIT solver, epoch {stats.get('epoch', '?')} (per batch)"
+                     + (f"; epochs {solved[-1]['epoch'] + 1}-{final['epoch']} trained serially"
+                        if stats is not final else ""))
+        lines.append(f"    {'':<20} {'mean':>12} {'max':>12}")
+        for key in _SOLVER_STATS:
+            if key in stats:
+                lines.append(f"    {key:<20} {_fmt(stats[key]):>12} "
+                             f"{_fmt(stats.get(f'{key}_max')):>12}")
+        for key in _SOLVER_SUMS:
+            if key in stats:
+                lines.append(f"    {key:<20} {_fmt(stats[key]):>12}"
+                             + ("  (sum)" if key == "serial_batches" else ""))
+    if any(k in final for k in _GRAD_CHECK):
+        lines.append("  gradient check (probe batch, mgrit vs exact)")
+        for key in _GRAD_CHECK + ("grad_check_seconds",):
+            if key in final:
+                lines.append(f"    {key:<20} {_fmt(final[key]):>12}")
+                shown.add(key)
+    for key, value in final.items():
+        if key not in shown:
+            lines.append(f"  {key:<22} {_fmt(value)}")
+    return lines
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.run_dir) / "metrics.json"
     try:
         with open(path) as fh:
             metrics = json.load(fh)
         final = metrics["final"]
+        lines = _info_lines(metrics)
     except FileNotFoundError:
         raise InputError(f"{path}: not found (is {args.run_dir} a run folder?)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: unreadable metrics ({type(e).__name__})") from None
     config = metrics.get("config", {})
     print(f"run {args.run_dir}: data {config.get('data')}, cell {config.get('cell')}, "
-          f"propagator {config.get('propagator')}, {len(metrics.get('epochs', []))} epochs")
-    for key, value in final.items():
-        print(f"  {key:<14} {value:.6g}" if isinstance(value, float) else f"  {key:<14} {value}")
+          f"propagator {config.get('propagator')}, {len(metrics.get('epochs', []))} epochs"
+          + (f", last epoch {final['epoch']}" if "epoch" in final else ""))
+    print("\n".join(lines))
     return 0
 
 
