@@ -13,6 +13,13 @@ a ``time_ranks x (P // time_ranks)`` grid (:meth:`Comm.split_grid`):
 Parameters are identical on every rank; a checksum (sum and sum of squares of
 all parameters, gathered from every rank) proves it after every epoch.
 
+The test metrics come from exact inference, the serial recurrence, with the
+test set sharded over every rank of the job (:func:`evaluate_exact`); with
+``propagator = mgrit`` the metrics under the training forward follow with the
+suffix ``_inexact``. Options: ``exact_last_epochs`` trains the last epochs
+serially, ``grad_check_every`` compares the MGRIT gradient of a probe batch
+with the exact one (:func:`gradient_check`).
+
 Rank 0 prints one summary line per epoch and writes the run folder:
 ``config.toml`` (the resolved options), ``log.txt`` (the printed lines),
 ``metrics.json`` and ``checkpoint.pt`` (both replaced atomically after every
@@ -51,6 +58,19 @@ EVAL_BATCH = 256
 
 #: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
 MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
+#: ... of which the epoch's largest value is kept too (as ``<key>_max``).
+MGRIT_MAX_STATS = MGRIT_STATS
+#: Total solver steps of a batch (all levels, all time ranks), averaged per
+#: epoch; 0 when the propagator does not report them.
+MGRIT_STEP_STATS = ("fwd_steps", "bwd_steps")
+#: The keys of :meth:`_Stepper.mean_stats` (in the epoch records with mgrit).
+EPOCH_STATS = (*MGRIT_STATS, *MGRIT_STEP_STATS, "serial_batches",
+               *(f"{k}_max" for k in MGRIT_MAX_STATS))
+
+#: The test metrics of :func:`evaluate` (suffix ``_inexact``: under the
+#: training forward).
+TEST_METRICS = ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_f1")
+
 
 _RUN_FILES = ("config.toml", "metrics.json", "checkpoint.pt", "log.txt")
 
@@ -164,6 +184,30 @@ def make_propagator(config: TrainConfig, time_comm: Comm):
     return MGRITPropagator(time_comm, options)
 
 
+class _using:
+    """``with _using(model, propagator):`` -- ``model.propagator`` is
+    ``propagator`` inside the block (the parameters stay the same objects)."""
+
+    def __init__(self, model: torch.nn.Module, propagator: Any):
+        self.model, self.propagator = model, propagator
+
+    def __enter__(self):
+        self.saved = self.model.propagator
+        self.model.propagator = self.propagator
+        return self.model
+
+    def __exit__(self, *exc_info) -> None:
+        self.model.propagator = self.saved
+
+
+def _set_sample_ids(model: torch.nn.Module, ids: np.ndarray | None) -> None:
+    """Tell the propagator which training sequences its next forward solves
+    (``None``: none; it then uses no warm start), when it wants to know."""
+    set_ids = getattr(getattr(model, "propagator", None), "set_sample_ids", None)
+    if set_ids is not None:
+        set_ids(None if ids is None else np.asarray(ids, dtype=np.int64))
+
+
 def build_model(config: TrainConfig, dataset: Dataset, time_comm: Comm | None = None):
     """The run's :class:`SequenceClassifier`, its weights drawn from ``config.seed``
     (the same on every rank)."""
@@ -223,6 +267,7 @@ class _ShardStep:
         part = idx[_shard(len(idx), self.size, self.rank)]
         if not len(part):
             return 0.0
+        _set_sample_ids(model, part)
         x, y, lengths = self.data.take(part)
         batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
         weight = len(part) / len(idx)
@@ -244,32 +289,42 @@ class _Stepper:
         self.local = _ShardStep(data, data_comm.rank, data_comm.size)
         self.comm = data_comm
         self.data_groups = data_comm.size
-        self.stats = {k: 0.0 for k in MGRIT_STATS}
+        self.sums = dict.fromkeys(MGRIT_STATS + MGRIT_STEP_STATS + ("serial_fallback",), 0.0)
+        self.maxima = dict.fromkeys(MGRIT_MAX_STATS, 0.0)
         self.steps = 0
         n = sum(p.numel() for p in model.parameters())
         dtype = next(model.parameters()).dtype
         self.buffer = torch.zeros(n + 1, dtype=dtype) if data_comm.size > 1 else None
 
     def reset_stats(self) -> None:
-        self.stats = dict.fromkeys(self.stats, 0.0)
+        self.sums = dict.fromkeys(self.sums, 0.0)
+        self.maxima = dict.fromkeys(self.maxima, 0.0)
         self.steps = 0
 
     def mean_stats(self) -> dict[str, float]:
-        """The epoch means of the MGRIT statistics; with several data groups
-        (each solving for its own shard) the largest over the groups."""
+        """The epoch's MGRIT statistics: the means per step of
+        :data:`MGRIT_STATS` and :data:`MGRIT_STEP_STATS`, the largest values of
+        :data:`MGRIT_MAX_STATS` (``<key>_max``) and ``serial_batches`` (steps
+        the propagator solved serially); with several data groups (each solving
+        for its own shard) each is the largest over the groups. Collective over
+        the data groups."""
         if not self.steps:
             return {}
-        means = torch.tensor([v / self.steps for v in self.stats.values()], dtype=torch.float64)
-        self.comm.allreduce_(means, op="max")
-        return dict(zip(self.stats, means.tolist()))
+        values = [*(self.sums[k] / self.steps for k in MGRIT_STATS + MGRIT_STEP_STATS),
+                  self.sums["serial_fallback"], *self.maxima.values()]
+        values = torch.tensor(values, dtype=torch.float64)
+        self.comm.allreduce_(values, op="max")
+        return dict(zip(EPOCH_STATS, values.tolist()))
 
     def record(self, model: torch.nn.Module, idx: np.ndarray) -> None:
         """Count the step of minibatch ``idx`` and add the MGRIT statistics of
         ``model``'s last solve (if this group's shard of ``idx`` was not empty)."""
         stats = getattr(model.propagator, "last_stats", None)
         if stats and len(idx[_shard(len(idx), self.comm.size, self.comm.rank)]):
-            for k in MGRIT_STATS:
-                self.stats[k] += float(stats[k])
+            for k in self.sums:
+                self.sums[k] += float(stats.get(k, 0.0))
+            for k in self.maxima:
+                self.maxima[k] = max(self.maxima[k], float(stats.get(k, 0.0)))
         self.steps += 1
 
     def reduce_(self, flat: torch.Tensor) -> torch.Tensor:
@@ -306,8 +361,12 @@ class _Stepper:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
              batch_size: int, data_comm: Comm) -> dict[str, float]:
-    """Mean cross-entropy and classification metrics on a split; each data
-    group evaluates a contiguous shard and the results are summed."""
+    """Mean cross-entropy and classification metrics on a split with the
+    model's propagator; each rank of ``data_comm`` evaluates a contiguous
+    shard and the results are summed over ``data_comm`` (every rank gets
+    them). For an MGRIT propagator ``data_comm`` is the data groups (the time
+    ranks of a group solve its shard together); for a propagator without
+    communication it may be every rank of the job (:func:`evaluate_exact`)."""
     model.eval()
     mine = _shard(data.n, data_comm.size, data_comm.rank)
     counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.float64)
@@ -324,6 +383,65 @@ def evaluate(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
     return {"test_loss": float(counts[-1]) / data.n, "test_accuracy": metrics["accuracy"],
             "test_precision": metrics["precision"], "test_recall": metrics["recall"],
             "test_f1": metrics["f1"]}
+
+
+def evaluate_exact(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
+                   batch_size: int, comm: Comm, exact=None) -> dict[str, float]:
+    """:func:`evaluate` with the exact serial recurrence (``exact``, default a
+    new :class:`~mgrit_gru.model.SerialPropagator`) in place of the model's
+    propagator, the split sharded over every rank of ``comm`` (the whole job:
+    no rank waits for another, the same total work as the serial loop on one
+    time rank per data group) and the counts summed over ``comm``."""
+    if exact is None:
+        from mgrit_gru.model import SerialPropagator
+        exact = SerialPropagator()
+    with _using(model, exact):
+        return evaluate(model, data, num_classes, batch_size, comm)
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    """The parameters' gradients as one float64 vector (zeros where None)."""
+    return torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if p.grad is None
+                      else p.grad.detach().reshape(-1).double() for p in model.parameters()])
+
+
+def gradient_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lengths,
+                   exact=None) -> dict[str, float]:
+    """Compare the gradient of the mean cross-entropy of the batch ``(x, y,
+    lengths)`` under the model's propagator (cold start: no warm-start ids)
+    with the one under the exact serial recurrence ``exact`` (default a new
+    :class:`~mgrit_gru.model.SerialPropagator`).
+
+    Returns ``grad_cosine`` (cosine of the angle between the two flattened
+    gradients) and ``grad_rel_error`` (``||g - g_exact|| / ||g_exact||``).
+    The parameters' ``.grad`` are restored afterwards; nothing is updated.
+    Collective over the propagator's communicator (every time rank of the
+    group calls it with the same batch).
+    """
+    if exact is None:
+        from mgrit_gru.model import SerialPropagator
+        exact = SerialPropagator()
+    params = list(model.parameters())
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+
+    def grad() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        torch.nn.functional.cross_entropy(model(x, lengths), y).backward()
+        return _flat_grad(model)
+
+    try:
+        _set_sample_ids(model, None)
+        g = grad()
+        with _using(model, exact):
+            g_exact = grad()
+    finally:
+        for p, s in zip(params, saved):
+            p.grad = s
+    norm, norm_exact = float(g.norm()), float(g_exact.norm())
+    cosine = float(g @ g_exact) / (norm * norm_exact) if norm and norm_exact else float("nan")
+    rel = float((g - g_exact).norm()) / norm_exact if norm_exact else float("nan")
+    return {"grad_cosine": cosine, "grad_rel_error": rel}
 
 
 # --------------------------------------------------------------------------- #
@@ -412,17 +530,29 @@ def _load_checkpoint(folder: Path, comm: Comm) -> dict:
 # the loop
 # --------------------------------------------------------------------------- #
 def _summary(epoch: int, epochs: int, record: dict) -> str:
-    """``epoch 3/10 | train_loss 0.512 | test_loss 0.498 | acc 0.812 | f1 0.80 | 12.3 s``."""
+    """``epoch 3/10 | train_loss 0.512 | test_loss 0.498 | acc 0.812 | f1 0.80 | 12.3 s``;
+    with mgrit ``acc 0.812 (inexact 0.784)``, the solver statistics and the
+    gradient check."""
     def num(key: str, fmt: str) -> str:
         value = record.get(key)
         return "-" if value is None else format(value, fmt)
 
+    acc = num("test_accuracy", ".3f")
+    if "test_accuracy_inexact" in record:
+        acc += f" (inexact {num('test_accuracy_inexact', '.3f')})"
     line = (f"epoch {epoch}/{epochs} | train_loss {num('train_loss', '.3f')} | "
-            f"test_loss {num('test_loss', '.3f')} | acc {num('test_accuracy', '.3f')} | "
+            f"test_loss {num('test_loss', '.3f')} | acc {acc} | "
             f"f1 {num('test_f1', '.2f')} | {record['seconds']:.1f} s")
-    if "fwd_iters" in record:
+    if record.get("fwd_iters") is not None:
         line += (f" | mgrit fwd {record['fwd_iters']:.1f} it res {record['fwd_residual']:.1e}"
                  f" | bwd {record['bwd_iters']:.1f} it res {record['bwd_residual']:.1e}")
+        if record.get("serial_batches"):
+            line += f" | {record['serial_batches']:.0f} serial batches"
+    elif record.get("train_propagator") == "serial" and "test_accuracy_inexact" in record:
+        line += " | trained serial"
+    if record.get("grad_cosine") is not None:
+        line += (f" | grad cos {record['grad_cosine']:.6g} "
+                 f"relerr {record['grad_rel_error']:.1e}")
     return line
 
 
@@ -458,6 +588,14 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
 
     model = build_model(config, dataset, time_comm)
     optimizer = make_optimizer(config, model)
+    mgrit = config.propagator == "mgrit"
+    if mgrit and config.exact_last_epochs and config.strategy != "sequential":
+        raise InputError(f"option exact_last_epochs ({flag('exact_last_epochs')}): needs "
+                         f"strategy = sequential (the workers keep their own propagators)")
+    from mgrit_gru.model import SerialPropagator
+    # the exact serial recurrence: the test metrics, the serial epochs, the gradient check
+    exact = model.propagator if config.propagator == "serial" else SerialPropagator()
+    train_propagator = model.propagator
     run = RunFolder(config.out, comm, resume=resume)
     history: list[dict] = []
     start = 1
@@ -488,6 +626,9 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
         run.log(f"resuming after epoch {start - 1}")
 
     stepper = _Stepper(train_data, model, data_comm)
+    # the gradient check's probe: the first batch_size training sequences, the whole
+    # batch on every rank
+    probe = train_data.take(slice(0, min(config.batch_size, train_data.n)))
     show_progress = _show_progress(config, comm)
     metrics: dict[str, Any] = {"config": config.to_dict(), "epochs": history,
                                "final": _final(history) if history else {},
@@ -499,7 +640,14 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
         if config.strategy != "sequential":
             run.log(f"strategy {strategy.describe()}: started in "
                     f"{environment['strategy_startup_seconds']:.1f} s")
+        first_exact = config.epochs - config.exact_last_epochs + 1 if mgrit else config.epochs + 1
         for epoch in range(start, config.epochs + 1):
+            serial_epoch = epoch >= first_exact
+            if serial_epoch and (epoch == first_exact or epoch == start):
+                run.log(f"epoch {epoch}: training switches from mgrit to the exact serial "
+                        f"recurrence (exact_last_epochs {config.exact_last_epochs}, epochs "
+                        f"{max(first_exact, 1)}-{config.epochs})")
+            model.propagator = exact if serial_epoch else train_propagator
             order = np.random.default_rng([config.seed, epoch])
             batches = batch_indices(train_data.n, config.batch_size, shuffle=True,
                                     generator=order)
@@ -511,17 +659,36 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                 result = strategy.run_epoch(model, optimizer, bar, stepper)
             record: dict[str, Any] = {"epoch": epoch, "train_loss": result["train_loss"],
                                       "updates": result["updates"],
-                                      "seconds": time.perf_counter() - tic}
+                                      "seconds": time.perf_counter() - tic,
+                                      "train_propagator": "serial" if serial_epoch
+                                      else config.propagator,
+                                      "inference": "exact"}
+            model.propagator = train_propagator
+            if mgrit:   # null in the epochs trained serially
+                record.update(dict.fromkeys(EPOCH_STATS) if serial_epoch
+                              else stepper.mean_stats())
+            if config.grad_check_every and epoch % config.grad_check_every == 0:
+                tic = time.perf_counter()
+                record.update(gradient_check(model, *probe, exact=exact))
+                record["grad_check_seconds"] = time.perf_counter() - tic
+            eval_batch = max(config.batch_size, EVAL_BATCH)
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 tic = time.perf_counter()
-                record.update(evaluate(model, test_data, dataset.num_classes,
-                                       max(config.batch_size, EVAL_BATCH), data_comm))
+                record.update(evaluate_exact(model, test_data, dataset.num_classes,
+                                             eval_batch, comm, exact=exact))
                 record["eval_seconds"] = time.perf_counter() - tic
+                if mgrit:
+                    tic = time.perf_counter()
+                    _set_sample_ids(model, None)
+                    inexact = evaluate(model, test_data, dataset.num_classes, eval_batch,
+                                       data_comm)
+                    record.update({f"{k}_inexact": v for k, v in inexact.items()})
+                    record["eval_seconds_inexact"] = time.perf_counter() - tic
             else:
-                record.update(dict.fromkeys(("test_loss", "test_accuracy", "test_precision",
-                                             "test_recall", "test_f1", "eval_seconds")))
-            if config.propagator == "mgrit":
-                record.update(stepper.mean_stats())
+                record.update(dict.fromkeys((*TEST_METRICS, "eval_seconds")))
+                if mgrit:
+                    record.update(dict.fromkeys((*(f"{k}_inexact" for k in TEST_METRICS),
+                                                 "eval_seconds_inexact")))
             check_replicas(model, comm)
             history.append(record)
             metrics["final"] = _final(history)

@@ -182,6 +182,7 @@ def test_mgrit_converged_trains_like_serial(easy_data, tmp_path):
     for ea, eb in zip(a["epochs"], b["epochs"]):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert ea[key] == pytest.approx(eb[key], rel=1e-9)
+        assert eb["test_loss_inexact"] == pytest.approx(ea["test_loss"], rel=1e-9)
         assert 1 <= eb["fwd_iters"] <= 40 and eb["fwd_residual"] <= 1e-13
         assert 1 <= eb["bwd_iters"] <= 40 and eb["bwd_residual"] <= 1e-13
     assert "fwd_iters" not in a["final"]
@@ -221,7 +222,8 @@ def test_mgrit_time_and_data_ranks_match_one_rank(easy_data, tmp_path, time):
     single = train(config(easy_data, tmp_path / "single", **opts), Comm.serial())
     assert parallel["environment"]["time_ranks"] == time_ranks
     # residuals are of the batch each rank solves for: a shard with data groups
-    keys = ("train_loss", "test_loss", "test_accuracy", "fwd_iters", "bwd_iters")
+    keys = ("train_loss", "test_loss", "test_accuracy", "test_loss_inexact",
+            "test_accuracy_inexact", "fwd_iters", "bwd_iters")
     if time_ranks == world.size:
         keys += ("fwd_residual", "bwd_residual")
     for ep, es in zip(parallel["epochs"], single["epochs"]):
