@@ -22,9 +22,18 @@ contiguous chunk and holds the hidden states of its chunk only.
 With tight tolerances the result equals the serial propagator (tests); with
 the defaults of the reference work (2 forward, 1 backward iteration) it is an
 inexact but cheap gradient.
+
+Warm starts (``MGRITOptions.warm_start``): the training loop names the
+sequences of each batch (:meth:`MGRITPropagator.set_sample_ids`); the final
+forward states and adjoints of each sequence at this rank's level-1 points
+(every ``m``-th point: all an initial F-sweep reads) are kept and are the
+initial guess of that sequence's solves in the next epoch.  A batch shorter
+than the number of time ranks is computed by the serial recurrence on every
+rank (``last_stats["serial_fallback"]``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,9 +44,13 @@ from mgrit_gru.cells import RecurrentCell, select_lin
 from mgrit_gru.comm import Comm
 from mgrit_gru.errors import InputError
 from mgrit_gru.mgrit import MGRIT, MGRITSettings, SolveInfo
-from mgrit_gru.model import _check_inputs, _flushing_denormals, _mean_weights, _param_names
+from mgrit_gru.model import (SerialPropagator, _bound, _check_inputs, _flushing_denormals,
+                             _mean_weights, _param_names)
 
-__all__ = ["GRUAdjointStepper", "GRUForwardStepper", "MGRITOptions", "MGRITPropagator"]
+__all__ = ["GRUAdjointStepper", "GRUForwardStepper", "MGRITOptions", "MGRITPropagator",
+           "WarmStarts"]
+
+COARSE_INPUTS = ("end", "mean")
 
 
 @dataclass(frozen=True)
@@ -50,21 +63,138 @@ class MGRITOptions:
     bwd_iters: int = 1
     fwd_tol: float = 0.0          # absolute; 0: run exactly fwd_iters
     bwd_tol: float = 0.0
+    fwd_rtol: float = 0.0         # relative to the first residual; 0: off
+    bwd_rtol: float = 0.0
     relax: str | Sequence[str] = ("F", "FCF")   # fine level F, coarse levels FCF
     skip_first_relax: bool = False
     cycle: str = "V"
+    nested: bool = False          # nested iteration (full multigrid initial guess)
+    warm_start: bool = False      # initial guesses from the previous epoch's solutions
+    warm_start_mb: float = 1024.0  # cap of the warm-start store per rank (MB)
+    coarse_input: str = "end"     # input of a coarse step: "end" point or "mean" of the interval
     final_residual: bool = True   # the residual after the last iteration (N/m steps more)
     verbose: bool = False
+
+    def __post_init__(self):
+        if self.coarse_input not in COARSE_INPUTS:
+            raise InputError(f"coarse_input must be one of {', '.join(COARSE_INPUTS)}, "
+                             f"got {self.coarse_input!r}")
+        if not self.warm_start_mb >= 0:
+            raise InputError(f"warm_start_mb must be >= 0, got {self.warm_start_mb}")
 
     def settings(self, backward: bool) -> MGRITSettings:
         return MGRITSettings(
             levels=self.levels, cfactor=self.cfactor,
             max_iters=self.bwd_iters if backward else self.fwd_iters,
             abs_tol=self.bwd_tol if backward else self.fwd_tol,
+            rel_tol=self.bwd_rtol if backward else self.fwd_rtol,
             relax=self.relax if isinstance(self.relax, str) else tuple(self.relax),
-            skip_first_relax=self.skip_first_relax, cycle=self.cycle,
+            skip_first_relax=self.skip_first_relax, cycle=self.cycle, nested=self.nested,
             final_residual=self.final_residual, verbose=self.verbose,
         )
+
+
+class Inputs:
+    """Input projections of the steps of a rank's chunk.
+
+    ``xw[i]`` is the projection of input ``first + i``.  The fine step to point
+    ``t`` reads input ``t - 1``; a coarse step over ``k`` intervals to point
+    ``t`` reads input ``t - 1`` (``"end"``: the interval's end point) or the
+    mean of the projections of inputs ``t - k .. t - 1`` (``"mean"``, from a
+    float64 running sum: one subtraction per coarse step).
+    """
+
+    def __init__(self, xw: Tensor, first: int, mode: str = "end"):
+        self.xw, self.first, self.mode = xw, first, mode
+        self._cum = None
+        self._level: dict[int, tuple[int, Tensor]] = {}
+        if mode == "mean":
+            cum = torch.zeros((xw.shape[0] + 1, *xw.shape[1:]), dtype=torch.float64)
+            torch.cumsum(xw, 0, dtype=torch.float64, out=cum[1:])
+            self._cum = cum
+
+    def interval(self, t_to, k: int) -> Tensor:
+        """Projection(s) for the step(s) ``t_to - k -> t_to`` (``t_to``: int or LongTensor)."""
+        if k == 1 or self._cum is None:
+            return self.xw[t_to - 1 - self.first]
+        a = t_to - self.first
+        return ((self._cum[a] - self._cum[a - k]) / k).to(self.xw.dtype)
+
+    def at_multiple(self, t_to: int, k: int) -> Tensor:
+        """:meth:`interval` for ``t_to`` a multiple of ``k``, the means of a level
+        computed once (the forward's coarse steps end at multiples of their stride)."""
+        if k == 1 or self._cum is None:
+            return self.xw[t_to - 1 - self.first]
+        entry = self._level.get(k)
+        if entry is None:
+            j0 = -(-(self.first + k) // k)
+            j1 = (self.first + self.xw.shape[0]) // k
+            ends = torch.arange(j0, max(j1 + 1, j0)) * k
+            entry = self._level[k] = (j0, self.interval(ends, k))
+        j0, means = entry
+        return means[t_to // k - j0]
+
+
+class WarmStarts:
+    """Per-rank store of each training sequence's last solution at this rank's
+    level-1 points (an initial guess for its next solves).
+
+    Entries are keyed by ``(kind, sequence id)`` and hold ``(first, n_total,
+    values [n, S])``: the values at solver points ``first, first + m, ...``
+    of a solve over ``n_total`` intervals.  Forward guesses are used where the
+    points overlap (the states at a time do not depend on the padded length);
+    adjoint guesses only for the same ``n_total`` (their solver index counts
+    from the end).  At most ``limit_bytes`` are kept: sequences beyond that
+    start cold (``dropped`` counts them).
+    """
+
+    def __init__(self, limit_bytes: float):
+        self.limit = float(limit_bytes)
+        self.bytes = 0
+        self.dropped = 0
+        self._entries: dict[tuple[str, int], tuple[int, int, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def guess(self, kind: str, ids, first: int, m: int, n_total: int, shape, dtype):
+        """``(guess [n, B, S], mask [n, B, 1])`` for the sequences ``ids``, or ``(None, None)``."""
+        n, B = shape[0], shape[1]
+        guess = mask = None
+        for b, key in enumerate(ids):
+            entry = self._entries.get((kind, int(key)))
+            if entry is None:
+                continue
+            f0, n0, vals = entry
+            if kind != "fwd" and n0 != n_total:
+                continue
+            a, z = max(first, f0), min(first + m * n, f0 + m * vals.shape[0])
+            if a >= z:
+                continue
+            if guess is None:
+                guess = torch.zeros(shape, dtype=dtype)
+                mask = torch.zeros((n, B, 1), dtype=torch.bool)
+            rows = slice((a - first) // m, (z - first) // m)
+            guess[rows, b] = vals[(a - f0) // m:(z - f0) // m]
+            mask[rows, b] = True
+        return guess, mask
+
+    def store(self, kind: str, ids, first: int, n_total: int, values: Tensor) -> None:
+        """Keep ``values [n, B, S]`` (this rank's level-1 points) of the sequences ``ids``."""
+        for b, key in enumerate(ids):
+            k = (kind, int(key))
+            old = self._entries.get(k)
+            size = values[:, b].numel() * values.element_size()
+            have = 0 if old is None else old[2].numel() * old[2].element_size()
+            if self.bytes - have + size > self.limit:
+                self.dropped += old is None
+                continue
+            if old is not None and old[2].shape == values[:, b].shape:
+                old[2].copy_(values[:, b])
+                self._entries[k] = (first, n_total, old[2])
+            else:
+                self._entries[k] = (first, n_total, values[:, b].clone())
+            self.bytes += size - have
 
 
 class GRUForwardStepper:
@@ -82,10 +212,11 @@ class GRUForwardStepper:
     """
 
     def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int,
-                 hw: Tensor | None = None, lo: int = 0):
+                 hw: Tensor | None = None, lo: int = 0, inputs: Inputs | None = None):
         self.cell = cell
         self.xw = xw
         self.first_input = first_input
+        self.inputs = inputs or Inputs(xw, first_input)
         self.state_shape = (batch, cell.state_size)
         self.dtype = xw.dtype
         self.hw, self.lo = hw, lo
@@ -96,8 +227,8 @@ class GRUForwardStepper:
         if self.hw is not None and t_to - t_from == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
             hw_out = self.hw[t_from - self.lo]
             self.hw_written[t_from - self.lo] = True
-        return self.cell.step(self.xw[t_to - 1 - self.first_input], u, float(t_to - t_from),
-                              out=out, hw_out=hw_out)
+        return self.cell.step(self.inputs.at_multiple(t_to, t_to - t_from), u,
+                              float(t_to - t_from), out=out, hw_out=hw_out)
 
 
 class GRUAdjointStepper:
@@ -115,7 +246,8 @@ class GRUAdjointStepper:
 
     def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
                  xw: Tensor, first_input: int, batch: int, chunk: int = 16,
-                 hw: Tensor | None = None):
+                 hw: Tensor | None = None, inputs: Inputs | None = None):
+        inputs = inputs or Inputs(xw, first_input)
         self.cell = cell
         self.N = solver.N
         self.state_shape = (batch, cell.state_size)
@@ -138,7 +270,7 @@ class GRUAdjointStepper:
                     self.fine_chunks.append((t0, t1, lin))
                 else:
                     t = torch.tensor(tc, dtype=torch.long)
-                    lin = cell.linearize(xw[t + k - 1 - first_input], states[t - t_lo], float(k))
+                    lin = cell.linearize(inputs.interval(t + k, k), states[t - t_lo], float(k))
                 for i, t_i in enumerate(tc):
                     lins[self.N - t_i] = select_lin(lin, i)
             self.lins.append(lins)
@@ -149,14 +281,16 @@ class GRUAdjointStepper:
 
 class _MGRITFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, prop, cell, x, lengths, steps, pooling, *params):
+    def forward(ctx, prop, cell, x, lengths, steps, pooling, ids, *params):
         comm: Comm = prop.comm
         B, H, N = x.shape[0], cell.hidden_size, steps
-        lo, hi, first_input, x_tm, xw, h, hw = prop.solve_states(cell, x, steps)
+        lo, hi, first_input, x_tm, xw, h, hw, inputs = prop._solve(cell, x, steps, ids)
 
-        # features: this rank's share, summed over time ranks
+        # features: this rank's share, summed over time ranks; the forward's step
+        # count rides along in the same allreduce
         t_idx = torch.arange(lo, hi)
-        feat = torch.zeros(B, H, dtype=x.dtype)
+        buf = torch.zeros(B * H + 1, dtype=x.dtype)
+        feat = buf[:-1].view(B, H)
         if pooling == "last":
             mine = (lengths >= lo) & (lengths < hi)
             b = torch.nonzero(mine).flatten()
@@ -167,17 +301,23 @@ class _MGRITFunction(torch.autograd.Function):
             wt = torch.zeros(hi - lo, B, 1, dtype=x.dtype)
             pos = t_idx >= 1
             wt[pos] = w[t_idx[pos] - 1]
-            feat = (h[:, :, :H] * wt).sum(0)
-        comm.allreduce_(feat)
-        ctx.prop, ctx.cell, ctx.pooling = prop, cell, pooling
-        ctx.lengths, ctx.h, ctx.xw, ctx.x_tm, ctx.hw = lengths, h, xw, x_tm, hw
+            torch.sum(h[:, :, :H] * wt, 0, out=feat)
+        buf[-1] = sum(prop.last_info["fwd"].steps)
+        comm.allreduce_(buf)
+        prop.last_stats["fwd_steps"] = float(buf[-1])
+        ctx.save_for_backward(x, *params)
+        ctx.prop, ctx.cell, ctx.pooling, ctx.ids = prop, cell, pooling, ids
+        ctx.lengths, ctx.h, ctx.xw, ctx.x_tm, ctx.hw, ctx.inputs = lengths, h, xw, x_tm, hw, inputs
         ctx.lo, ctx.hi, ctx.N, ctx.first_input = lo, hi, N, first_input
-        return feat
+        return feat.clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_feat):
         prop, cell = ctx.prop, ctx.cell
         comm: Comm = prop.comm
+        x, *params = ctx.saved_tensors
+        names = _param_names(cell)
         lo, hi, N, first_input = ctx.lo, ctx.hi, ctx.N, ctx.first_input
         h, xw, x_tm, lengths = ctx.h, ctx.xw, ctx.x_tm, ctx.lengths
         B, S, H = h.shape[1], h.shape[2], cell.hidden_size
@@ -194,15 +334,20 @@ class _MGRITFunction(torch.autograd.Function):
             pos = t_idx >= 1
             src[pos, :, :H] = w[t_idx[pos] - 1] * g_feat
         bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
-        # adjoints decay through long sequences: float32 subnormals would make every step slow
-        with torch.no_grad(), _flushing_denormals(h.dtype == torch.float32):
-            adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw)
+        # the parameters of the forward, whatever the cell holds now; adjoints decay
+        # through long sequences: float32 subnormals would make every step slow
+        with torch.no_grad(), _bound(cell, dict(zip(names, params))), \
+                _flushing_denormals(h.dtype == torch.float32):
+            adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw,
+                                    inputs=ctx.inputs)
             bwd_solver.stepper = adj
             # solver rows run in reversed time: row k is forward point hi-1-k
             rhs = src.flip(0)
             u0 = rhs[0] if hi - 1 == N else None
-            lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs)
+            guess, mask = prop._guess("bwd", ctx.ids, bwd_solver, N, (B, S), h.dtype)
+            lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs, guess_c=guess, guess_mask=mask)
             prop._record("bwd", info)
+            prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev)
             lam = lam_rev.flip(0)                  # lam[t - lo], t = lo..hi-1
             # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}: get lam_hi
             lam_next = torch.empty(hi - lo, B, S, dtype=h.dtype)
@@ -215,31 +360,45 @@ class _MGRITFunction(torch.autograd.Function):
             if req is not None:
                 req.wait()
             # the steps t -> t+1 owned here (t = lo..min(hi, N)-1) were linearised
-            # for the adjoint's fine level: reuse them
-            grads = {name: torch.zeros_like(getattr(cell, name)) for name in _param_names(cell)}
+            # for the adjoint's fine level: reuse them.  One buffer for the
+            # allreduce: parameter gradients, the input gradient (if wanted) and
+            # the adjoint's step count
+            shapes = [p.shape for p in params]
+            n_par = sum(p.numel() for p in params)
+            want_x = ctx.needs_input_grad[2]
+            n_x = x.numel() if want_x else 0
+            flat = torch.zeros(n_par + n_x + 1, dtype=h.dtype)
+            views, offset = [], 0
+            for shape in shapes:
+                n = math.prod(shape)
+                views.append(flat[offset:offset + n].view(shape))
+                offset += n
+            g_x = flat[n_par:n_par + n_x].view(x.shape) if want_x else None
             for t0, t1, lin in adj.fine_chunks:
                 g_xw, g_hw = cell.vjp_proj(lin, lam_next[t0 - lo:t1 - lo])
                 local = cell.param_grads(x_tm[t0 - first_input:t1 - first_input],
                                          h[t0 - lo:t1 - lo], g_xw, g_hw)
-                for name in grads:
-                    grads[name] += local[name]
-            flat = torch.cat([grads[name].reshape(-1) for name in grads])
+                for name, view in zip(names, views):
+                    view += local[name]
+                if g_x is not None:   # the step t -> t+1 reads input t
+                    g_x[:, t0:t1] = (g_xw @ cell.weight_ih).transpose(0, 1)
+            flat[-1] = sum(info.steps)
             comm.allreduce_(flat)
-            out, offset = [], 0
-            for name in grads:
-                n = grads[name].numel()
-                out.append(flat[offset:offset + n].view_as(grads[name]))
-                offset += n
-        ctx.h = ctx.xw = ctx.x_tm = ctx.hw = None
-        return (None, None, None, None, None, None, *out)
+            prop.last_stats["bwd_steps"] = float(flat[-1])
+        ctx.h = ctx.xw = ctx.x_tm = ctx.hw = ctx.inputs = None
+        return (None, None, g_x, None, None, None, None, *views)
 
 
 class MGRITPropagator:
     """Propagator whose forward and backward are MGRIT solves across time ranks.
 
     Every rank of ``comm`` gets the same batch; each works on its chunk of
-    time points.  ``last_stats`` holds the iterations and final residuals of
-    the last forward and backward solve, ``last_info`` the full SolveInfos.
+    time points.  ``last_stats`` holds the iterations, final residuals and
+    step counts (all levels, summed over the time ranks) of the last forward
+    and backward solve, and ``serial_fallback`` (1.0 when the batch was
+    shorter than the time ranks and ran serially); ``last_info`` the full
+    SolveInfos of this rank.  With ``options.warm_start`` the store of
+    initial guesses is ``self.warm`` (a :class:`WarmStarts`).
     """
 
     def __init__(self, comm: Comm | None = None, options: MGRITOptions | None = None, log=None):
@@ -249,11 +408,102 @@ class MGRITPropagator:
         self.log = log or print
         self.last_stats: dict[str, float] = {}
         self.last_info: dict[str, SolveInfo] = {}
+        self.warm = WarmStarts(self.options.warm_start_mb * 1e6) if self.options.warm_start else None
+        self._ids = None
+        self._serial = SerialPropagator()
+        self._said: set[str] = set()
+
+    def set_sample_ids(self, ids) -> None:
+        """Name the sequences of the next :meth:`features` call (indices into the
+        training set; None: unnamed, no warm start).  Used once, then cleared."""
+        self._ids = None if ids is None else [int(i) for i in ids]
+
+    def _say(self, key: str, line: str) -> None:
+        """Log ``line`` once per propagator, on rank 0 of the time communicator."""
+        if key not in self._said:
+            self._said.add(key)
+            if self.comm.rank == 0:
+                self.log(line)
 
     def _record(self, kind: str, info: SolveInfo) -> None:
         self.last_info[kind] = info
         self.last_stats[f"{kind}_iters"] = info.iterations
         self.last_stats[f"{kind}_residual"] = info.final_residual
+        s = self.options.settings(kind == "bwd")
+        if (s.abs_tol > 0 or s.rel_tol > 0) and not info.converged and len(info.residuals) > 2:
+            # a stalled residual that misses its tolerance: below the dtype's reach?
+            f = info.factors[-1]
+            if f > 0.5:
+                self._say(f"stall-{kind}",
+                          f"warning: {kind} MGRIT residual stalls at {info.final_residual:.1e} "
+                          f"(factor {f:.2f}) above its tolerance (abs {s.abs_tol:g}, rel "
+                          f"{s.rel_tol:g}): probably below what the dtype can reach; every "
+                          f"solve runs all {s.max_iters} iterations")
+
+    def _guess(self, kind, ids, solver: MGRIT, N: int, state, dtype):
+        """Warm-start guess ``(guess_c, mask)`` of a solve, or ``(None, None)``."""
+        if self.warm is None or ids is None:
+            return None, None
+        n = len(range(*solver.c_rows.indices(solver.fine_range.size)))
+        if n == 0:
+            return None, None
+        return self.warm.guess(kind, ids, solver.c_first, solver.settings.cfactor, N,
+                               (n, *state), dtype)
+
+    def _keep(self, kind, ids, solver: MGRIT, N: int, u: Tensor) -> None:
+        if self.warm is not None and ids is not None:
+            before = self.warm.dropped
+            self.warm.store(kind, ids, solver.c_first, N, u[solver.c_rows])
+            if self.warm.dropped > before:
+                self._say("warm-full", f"warning: warm-start store full "
+                          f"({self.options.warm_start_mb:g} MB per rank): further "
+                          f"sequences start cold (raise --warm-start-mb)")
+
+    def _check_tolerances(self, dtype: torch.dtype) -> None:
+        o = self.options
+        floor = 100 * torch.finfo(dtype).eps
+        for kind, rtol in (("fwd", o.fwd_rtol), ("bwd", o.bwd_rtol)):
+            if 0 < rtol < floor:
+                self._say(f"rtol-{kind}", f"warning: {kind} relative tolerance {rtol:g} is "
+                          f"below what {str(dtype).replace('torch.', '')} can reach (about "
+                          f"{floor:.0e}): the solves will run all their iterations")
+
+    def _solve(self, cell: RecurrentCell, x: Tensor, steps: int, ids=None):
+        """Forward MGRIT solve (see :meth:`solve_states`), with warm starts for ``ids``."""
+        N = steps
+        if self.comm.size > N:
+            raise InputError(
+                f"--time-ranks {self.comm.size} is more than the sequence length {N}: "
+                f"use at most {N} time ranks")
+        self._check_tolerances(x.dtype)
+        solver = MGRIT(None, self.comm, N, self.options.settings(False), log=self.log)
+        lo, hi = solver.fine_range.lo, solver.fine_range.hi
+        max_stride = solver.levels[-1].stride
+        # inputs this rank reads: x[lo-1 .. hi-1) plus a halo for the coarse steps
+        # (the left one for interval means, the right one for the adjoint's steps)
+        first_input = max(lo - max_stride, 0)
+        last_input = min(hi - 1 + max_stride, N)
+        x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
+        xw = cell.input_projection(x_tm)
+        inputs = Inputs(xw, first_input, self.options.coarse_input)
+        B = x.shape[0]
+        hw = torch.empty(hi - lo, B, cell.gates * cell.hidden_size, dtype=x.dtype)
+        stepper = GRUForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
+        solver.stepper = stepper
+        guess, mask = self._guess("fwd", ids, solver, N, (B, cell.state_size), x.dtype)
+        with _flushing_denormals(x.dtype == torch.float32):
+            h, info = solver.solve(guess_c=guess, guess_mask=mask)
+        self._record("fwd", info)
+        self._keep("fwd", ids, solver, N, h)
+        self.last_stats["serial_fallback"] = 0.0
+        # valid only if the solve ended with its final residual (the sweep after
+        # the last correction then stepped from every final state) and every
+        # owned point but the last was stepped from
+        if self.options.final_residual and bool(stepper.hw_written[:-1].all()):
+            cell.hidden_projection(cell.hidden(h[-1]), out=hw[-1])
+        else:
+            hw = None
+        return lo, hi, first_input, x_tm, xw, h, hw, inputs
 
     @torch.no_grad()
     def solve_states(self, cell: RecurrentCell, x: Tensor, steps: int | None = None):
@@ -262,43 +512,35 @@ class MGRITPropagator:
         Returns ``(lo, hi, first_input, x_tm, xw, h, hw)``: this rank owns fine
         points ``lo..hi-1`` and ``h [hi-lo, B, S]`` are their states; ``x_tm``/``xw``
         are the inputs (time-major) and input projections it read, from input
-        ``first_input`` on (its chunk plus the halo its adjoint steps need);
+        ``first_input`` on (its chunk plus the halos its coarse steps need);
         ``hw`` are the hidden projections of the final states (None when the
         solve did not end with a sweep from every final state).
         """
         N = x.shape[1] if steps is None else steps
-        if self.comm.size > N:
-            raise InputError(
-                f"--time-ranks {self.comm.size} is more than the sequence length {N}: "
-                f"use at most {N} time ranks")
-        solver = MGRIT(None, self.comm, N, self.options.settings(False), log=self.log)
-        lo, hi = solver.fine_range.lo, solver.fine_range.hi
-        max_stride = solver.levels[-1].stride
-        # inputs this rank reads: x[lo-1 .. hi-1) plus a halo for the adjoint's coarse steps
-        first_input = max(lo - 1, 0)
-        last_input = min(hi - 1 + max_stride, N)
-        x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
-        xw = cell.input_projection(x_tm)
-        B = x.shape[0]
-        hw = torch.empty(hi - lo, B, cell.gates * cell.hidden_size, dtype=x.dtype)
-        stepper = GRUForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo)
-        solver.stepper = stepper
-        with _flushing_denormals(x.dtype == torch.float32):
-            h, info = solver.solve()
-        self._record("fwd", info)
-        # valid only if the solve ended with its final residual (the sweep after
-        # the last correction then stepped from every final state) and every
-        # owned point but the last was stepped from
-        if self.options.final_residual and bool(stepper.hw_written[:-1].all()):
-            cell.hidden_projection(cell.hidden(h[-1]), out=hw[-1])
-        else:
-            hw = None
-        return lo, hi, first_input, x_tm, xw, h, hw
+        return self._solve(cell, x, N)[:7]
 
     def features(self, cell: RecurrentCell, x: Tensor, lengths=None, pooling: str = "last") -> Tensor:
         lengths, steps = _check_inputs(cell, x, lengths, pooling)
+        ids, self._ids = self._ids, None
+        if ids is not None and len(ids) != x.shape[0]:
+            raise InputError(f"set_sample_ids: {len(ids)} ids for a batch of {x.shape[0]}")
+        if self.comm.size > steps:
+            # fewer steps than time ranks: the serial recurrence on every rank
+            self._say("fallback", f"a batch of {steps} steps is shorter than the "
+                      f"{self.comm.size} time ranks: such batches run the serial "
+                      f"recurrence on every time rank (counted as serial_batches)")
+            P = float(self.comm.size)
+            self.last_stats.update(fwd_iters=0.0, bwd_iters=0.0, fwd_residual=0.0,
+                                   bwd_residual=0.0, fwd_steps=P * steps, bwd_steps=P * steps,
+                                   serial_fallback=1.0)
+            return self._serial.features(cell, x, lengths, pooling)
         params = [getattr(cell, name) for name in _param_names(cell)]
-        return _MGRITFunction.apply(self, cell, x, lengths, steps, pooling, *params)
+        return _MGRITFunction.apply(self, cell, x, lengths, steps, pooling, ids, *params)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["warm"] = None if self.warm is None else WarmStarts(self.warm.limit)
+        return state
 
     def __repr__(self) -> str:
         o = self.options

@@ -13,9 +13,25 @@ One iteration (cycle) on level ``l`` < coarsest:
    F-points after an F-sweep);
 3. injection ``v = u[C]`` and the FAS right-hand side
    ``g^c_j = r_{jm} + v_j - Phi^c(v_{j-1})``;
-4. the coarse problem solved by one cycle of the same kind (V, or F-cycle),
-   on the coarsest level by a sequential sweep pipelined across ranks;
+4. the coarse problem solved by one cycle on level ``l + 1``, on the
+   coarsest level by a sequential sweep pipelined across ranks;
 5. correction ``u[C] += u^c - v`` and an F-sweep (ideal interpolation).
+
+Cycles (XBraid's ordering). ``V``: every level does steps 1-5 once, with a
+V-cycle below it.  ``F``: the fine level does steps 1-5 once per iteration,
+its level-1 problem solved by an F-cycle; an F-cycle on a coarse level ``l``
+is a coarse-grid correction with an F-cycle on ``l + 1`` followed by a
+relaxation and a coarse-grid correction with a V-cycle on ``l + 1``.  So on
+``L`` levels an F-iteration visits level ``l >= 1`` ``2**(l-1)`` times where
+a V-iteration visits it once (the coarsest: ``2**(L-2)`` sweeps).
+
+Nested iteration (``nested``, full multigrid): before the first iteration
+the problem is solved on the coarsest level by a sequential sweep, then, on
+the way up, each level's C-points take the values of the level below (its
+F-points filled by an F-sweep) and the level gets one cycle of the chosen
+kind; the fine grid starts from the interpolated level-1 solution.  Coarse
+right-hand sides are the fine one injected (``g^{l+1}_j = m g^l_{jm}``, the
+rate of a step of ``m`` intervals): only the guess depends on it.
 
 On the fine level, the C-point residual is computed after every cycle: it
 is the residual norm reported and tested for convergence, and it doubles as
@@ -50,6 +66,7 @@ class MGRITSettings:
     relax: str | tuple[str, ...] = "FCF"   # per level; the last entry repeats
     skip_first_relax: bool = False
     cycle: str = "V"               # "V" or "F"
+    nested: bool = False           # nested iteration: initial guess from the coarsest level up
     min_coarse_points: int = 2
     final_residual: bool = True    # compute the residual after the last iteration too
     verbose: bool = False          # one log line per iteration on position 0
@@ -162,6 +179,13 @@ class MGRIT:
         self.log = log or print
         self._data: list[_LevelData] | None = None
         self.steps = [0] * len(self.levels)
+        # this rank's level-1 points (its fine C-points, point 0 included) as rows of
+        # its fine values: all that an initial F-sweep reads of an initial guess
+        m = settings.cfactor
+        lo, hi = self.fine_range.lo, self.fine_range.hi
+        k0 = -(-lo // m) * m - lo
+        self.c_rows = slice(k0, max(hi - lo, k0), m)
+        self.c_first = lo + k0           # solver index of the first of them
 
     # ------------------------------------------------------------------ helpers
     def _tag(self, level: int, phase: int) -> int:
@@ -299,15 +323,16 @@ class MGRIT:
         self._f_relax(F)
 
     def _cycle(self, l: int, first: bool, kind: str) -> None:
+        """One cycle on coarse level ``l >= 1`` (``kind``: ``V`` or ``F``)."""
         L = self._data[l]
         if L.level.coarsest:
             self._sequential(L)
             return
         self._relax(L, first)
         r = self._residual(L, phase=5)
-        self._coarse_correct(l, r, first, "F" if kind == "F" else "V")
-        if kind == "F" and not self._data[l + 1].level.coarsest:
-            # F-cycle: one more relaxation + V-cycle on this level
+        self._coarse_correct(l, r, first, kind)
+        if kind == "F":
+            # F-cycle: then one more relaxation and a correction by a V-cycle
             self._relax(L, False)
             r = self._residual(L, phase=5)
             self._coarse_correct(l, r, False, "V")
@@ -318,13 +343,21 @@ class MGRIT:
         return math.sqrt(self.comm.allreduce_scalar(local, "sum"))
 
     def solve(self, u0: torch.Tensor | None = None, rhs: torch.Tensor | None = None,
-              u_init: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
+              u_init: torch.Tensor | None = None, guess_c: torch.Tensor | None = None,
+              guess_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
         """Solve; return this rank's fine-level values ``[n_local, *shape]`` and the info.
 
         ``u0``: value at point 0 (needed only on the rank owning it; zeros if
         None).  ``rhs``: fine-level right-hand side for this rank's points
         (row 0 of the rank owning point 0 is ignored), None for zero.
         ``u_init``: initial guess for this rank's points (zeros if None).
+        ``guess_c``: initial guess at this rank's level-1 points only (rows
+        ``self.c_rows`` of the fine values, the first at solver index
+        ``self.c_first``): all an initial F-sweep reads.  With ``guess_mask``
+        (a bool tensor broadcastable to ``guess_c``) it replaces the solver's
+        own initial values (zeros, or nested iteration's) only where true
+        (e.g. the sequences of a batch that have a warm start).  With a
+        guess the initial F-relaxation always runs.
         Rows are in solver order (reversed time if ``reverse``).
         """
         s = self.settings
@@ -356,34 +389,48 @@ class MGRIT:
             return self._finish(fine, info, t_start)
 
         kind = s.cycle
-        self._relax_initial(fine)
+        guessed = s.nested or guess_c is not None
+        if s.nested:
+            self._nested(kind)
+        if guess_c is not None:
+            view = fine.u[self.c_rows]
+            if guess_mask is None:
+                view.copy_(guess_c)
+            else:
+                view.copy_(torch.where(guess_mask, guess_c, view))
+            if fine.rng.lo == 0:
+                fine.u[0] = 0 if u0 is None else u0
+        # skip_first_relax skips the sweep from an initial guess of zeros only
+        skipped = s.skip_first_relax and not guessed
+        if not skipped:
+            self._f_relax(fine)
         k = 0
         t_it = time.perf_counter()
         r = self._residual(fine, phase=6)
         info.residuals.append(self._norm(r))
         self._log_iter(0, info, time.perf_counter() - t_it)
         while True:
-            r0 = info.residuals[0]
             res = info.residuals[-1]
-            # (no test for an exact zero: after a skipped first relaxation the C-point
-            # residual of a zero guess can vanish while the F-points are still wrong)
-            if (s.abs_tol > 0 and res <= s.abs_tol) or (s.rel_tol > 0 and res <= s.rel_tol * r0):
-                info.converged = True
-                break
+            # After a skipped first relaxation the residual of the untouched guess is
+            # not the residual of the problem (the C-point residual of a zero guess
+            # vanishes while the F-points are still wrong): no convergence test
+            # before one cycle has run, and the relative tolerance is relative to the
+            # first residual after it.
+            if k > 0 or not skipped:
+                r0 = info.residuals[1 if skipped else 0]
+                if (s.abs_tol > 0 and res <= s.abs_tol) or (s.rel_tol > 0 and res <= s.rel_tol * r0):
+                    info.converged = True
+                    break
             if k == s.max_iters:
                 break
             t_it = time.perf_counter()
-            first = k == 0
-            if s.relax_on(0) == "FCF" and not (first and s.skip_first_relax):
+            first = k == 0 and skipped
+            if s.relax_on(0) == "FCF" and not first:
                 if fine.c_rows:
                     fine.u[fine.c_slice] += r          # C-relaxation from the residual just computed
                 self._f_relax(fine)
                 r = self._residual(fine, phase=5)
             self._coarse_correct(0, r, first, kind)
-            if kind == "F" and not self._data[1].level.coarsest:
-                self._relax(fine, False)
-                r = self._residual(fine, phase=5)
-                self._coarse_correct(0, r, False, "V")
             k += 1
             if k == s.max_iters and not s.final_residual:
                 # the last correction's residual is not needed to decide anything:
@@ -397,9 +444,24 @@ class MGRIT:
         info.iterations = k
         return self._finish(fine, info, t_start)
 
-    def _relax_initial(self, fine: _LevelData) -> None:
-        if not self.settings.skip_first_relax:
-            self._f_relax(fine)
+    def _nested(self, kind: str) -> None:
+        """Nested iteration: the fine level's C-point values from the coarse levels."""
+        data = self._data
+        fine = data[0]
+        # coarse right-hand sides: injection of the level above, times the stride ratio
+        for l in range(1, len(data)):
+            F, C = data[l - 1], data[l]
+            C.g = None if F.g is None else F.g[F.c_slice_all] * float(F.level.cfactor)
+            if C.rng.lo == 0 and fine.rng.lo == 0:
+                C.u[0] = fine.u[0]
+        self._sequential(data[-1])
+        for l in range(len(data) - 2, -1, -1):
+            F, C = data[l], data[l + 1]
+            if C.rng.size:
+                F.u[F.c_slice_all] = C.u
+            if l > 0:
+                # one cycle of level l's own problem; its first F-sweep interpolates
+                self._cycle(l, False, kind)
 
     def _finish(self, fine: _LevelData, info: SolveInfo, t_start: float):
         info.steps = list(self.steps)

@@ -130,15 +130,22 @@ def test_mpi(check):
     check(Comm.world())
 
 
-def test_more_time_ranks_than_steps_is_a_clear_error():
+def test_batch_shorter_than_time_ranks_runs_serially():
+    """Fewer steps than time ranks: the serial recurrence on every rank, counted."""
     class Fake(Comm):
         def __init__(self):
             super().__init__(None)
             self.size = 9
     model = _model()
-    model.propagator = MGRITPropagator(Fake(), MGRITOptions())
-    with pytest.raises(InputError, match="at most 4 time ranks"):
-        model(torch.zeros(2, 4, D, dtype=torch.float64))
+    x, lengths, y = _batch(4, seed=5)
+    lengths = lengths.clamp(max=4)
+    l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    prop = MGRITPropagator(Fake(), MGRITOptions(), log=lambda line: None)
+    l_mg, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+    assert prop.last_stats["serial_fallback"] == 1.0
+    assert abs(l_ref - l_mg) < 1e-12
+    for name in g_ref:
+        torch.testing.assert_close(g_mg[name], g_ref[name], rtol=0, atol=1e-12)
 
 
 def test_float32_forward_matches_serial():
