@@ -66,6 +66,7 @@ class MGRITOptions:
     fwd_rtol: float = 0.0         # relative to the first residual; 0: off
     bwd_rtol: float = 0.0
     relax: str | Sequence[str] = ("F", "FCF")   # fine level F, coarse levels FCF
+    bwd_relax: str | Sequence[str] | None = None   # the adjoint's; None: as relax
     skip_first_relax: bool = False
     cycle: str = "V"
     nested: bool = False          # nested iteration (full multigrid initial guess)
@@ -88,10 +89,15 @@ class MGRITOptions:
             max_iters=self.bwd_iters if backward else self.fwd_iters,
             abs_tol=self.bwd_tol if backward else self.fwd_tol,
             rel_tol=self.bwd_rtol if backward else self.fwd_rtol,
-            relax=self.relax if isinstance(self.relax, str) else tuple(self.relax),
+            relax=_relax_value(self.bwd_relax if backward and self.bwd_relax is not None
+                               else self.relax),
             skip_first_relax=self.skip_first_relax, cycle=self.cycle, nested=self.nested,
             final_residual=self.final_residual, verbose=self.verbose,
         )
+
+
+def _relax_value(relax) -> str | tuple[str, ...]:
+    return relax if isinstance(relax, str) else tuple(relax)
 
 
 class Inputs:
@@ -153,9 +159,13 @@ class WarmStarts:
         self.bytes = 0
         self.dropped = 0
         self._entries: dict[tuple[str, int], tuple[int, int, Tensor]] = {}
+        self.sources: dict[int, Tensor] = {}   # feature gradient of each kept adjoint
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
 
     def guess(self, kind: str, ids, first: int, m: int, n_total: int, shape, dtype):
         """``(guess [n, B, S], mask [n, B, 1])`` for the sequences ``ids``, or ``(None, None)``."""
@@ -344,10 +354,10 @@ class _MGRITFunction(torch.autograd.Function):
             # solver rows run in reversed time: row k is forward point hi-1-k
             rhs = src.flip(0)
             u0 = rhs[0] if hi - 1 == N else None
-            guess, mask = prop._guess("bwd", ctx.ids, bwd_solver, N, (B, S), h.dtype)
+            guess, mask = prop._guess("bwd", ctx.ids, bwd_solver, N, (B, S), h.dtype, g_feat)
             lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs, guess_c=guess, guess_mask=mask)
             prop._record("bwd", info)
-            prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev)
+            prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev, g_feat)
             lam = lam_rev.flip(0)                  # lam[t - lo], t = lo..hi-1
             # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}: get lam_hi
             lam_next = torch.empty(hi - lo, B, S, dtype=h.dtype)
@@ -440,20 +450,42 @@ class MGRITPropagator:
                           f"{s.rel_tol:g}): probably below what the dtype can reach; every "
                           f"solve runs all {s.max_iters} iterations")
 
-    def _guess(self, kind, ids, solver: MGRIT, N: int, state, dtype):
-        """Warm-start guess ``(guess_c, mask)`` of a solve, or ``(None, None)``."""
+    def _guess(self, kind, ids, solver: MGRIT, N: int, state, dtype, g_feat=None):
+        """Warm-start guess ``(guess_c, mask)`` of a solve, or ``(None, None)``.
+
+        The adjoint is linear in the loss gradient of the features ``g_feat``,
+        which changes between epochs far more than the weights do (it shrinks
+        as a sequence is learnt, and turns): each sequence's previous adjoint is
+        scaled by the projection ``<g, g_old> / |g_old|^2`` of its new feature
+        gradient on its old one (its adjoint if the Jacobians had not changed
+        and the new gradient were the projected one).
+        """
         if self.warm is None or ids is None:
             return None, None
         n = len(range(*solver.c_rows.indices(solver.fine_range.size)))
         if n == 0:
             return None, None
-        return self.warm.guess(kind, ids, solver.c_first, solver.settings.cfactor, N,
-                               (n, *state), dtype)
+        guess, mask = self.warm.guess(kind, ids, solver.c_first, solver.settings.cfactor, N,
+                                      (n, *state), dtype)
+        if guess is not None and g_feat is not None:
+            old = torch.zeros_like(g_feat)
+            for b, key in enumerate(ids):
+                src = self.warm.sources.get(int(key))
+                if src is not None:
+                    old[b] = src
+            norm = (old * old).sum(1)
+            scale = torch.where(norm > 0, (g_feat * old).sum(1) / norm.clamp_min(1e-300), 0.0)
+            guess *= scale.view(1, -1, 1)
+        return guess, mask
 
-    def _keep(self, kind, ids, solver: MGRIT, N: int, u: Tensor) -> None:
+    def _keep(self, kind, ids, solver: MGRIT, N: int, u: Tensor, g_feat=None) -> None:
         if self.warm is not None and ids is not None:
             before = self.warm.dropped
             self.warm.store(kind, ids, solver.c_first, N, u[solver.c_rows])
+            if g_feat is not None:
+                for b, key in enumerate(ids):
+                    if (kind, int(key)) in self.warm:
+                        self.warm.sources[int(key)] = g_feat[b].clone()
             if self.warm.dropped > before:
                 self._say("warm-full", f"warning: warm-start store full "
                           f"({self.options.warm_start_mb:g} MB per rank): further "

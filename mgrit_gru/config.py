@@ -115,7 +115,7 @@ class TrainConfig:
                            "(0: off; fwd_iters is then the cap)")
     bwd_rtol: float = _opt(0.0, "backward tolerance relative to the first residual "
                            "(0: off; bwd_iters is then the cap)")
-    nested: bool = _opt(False, "nested iteration: initial guess of each solve from "
+    nested: bool = _opt(True, "nested iteration: initial guess of each solve from "
                         "the coarsest level up (full multigrid)")
     warm_start: bool = _opt(False, "initial guess of a training sequence's forward and "
                             "adjoint solves from its solution of the previous epoch")
@@ -124,10 +124,13 @@ class TrainConfig:
     coarse_input: str = _opt("end", "input of a coarse step: the input at the interval's "
                              "end point or the mean of the interval's input projections",
                              choices=COARSE_INPUTS)
-    relax: str | tuple[str, ...] = _opt(("F", "FCF"), "relaxation: F or FCF, or a "
+    relax: str | tuple[str, ...] = _opt("FCF", "relaxation: F or FCF, or a "
                                         "comma-separated list per level from "
                                         "the finest (the last entry repeats)",
                                         kind="relax")
+    bwd_relax: str | tuple[str, ...] | None = _opt(None, "relaxation of the backward "
+                                                   "(adjoint) solve, as relax (default: "
+                                                   "the same as relax)", kind="relax")
     cycle: str = _opt("V", "MGRIT cycle", choices=CYCLES)
     final_residual: bool = _opt(True, "compute the MGRIT residual after the last "
                                 "iteration too (N/m more steps per solve)")
@@ -151,10 +154,12 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = _check(f, getattr(self, f.name))
             object.__setattr__(self, f.name, value)
-        if isinstance(self.relax, tuple) and len(self.relax) > self.levels:
-            raise InputError(
-                f"option relax ({flag('relax')}): {len(self.relax)} entries for "
-                f"levels = {self.levels} (at most one per level; the last one repeats)")
+        for name in ("relax", "bwd_relax"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) > self.levels:
+                raise InputError(
+                    f"option {name} ({flag(name)}): {len(value)} entries for "
+                    f"levels = {self.levels} (at most one per level; the last one repeats)")
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain TOML/JSON-able values (``None`` left out,

@@ -176,7 +176,8 @@ def make_propagator(config: TrainConfig, time_comm: Comm):
                            fwd_iters=config.fwd_iters, bwd_iters=config.bwd_iters,
                            fwd_tol=config.fwd_tol, bwd_tol=config.bwd_tol,
                            fwd_rtol=config.fwd_rtol, bwd_rtol=config.bwd_rtol,
-                           relax=config.relax, skip_first_relax=config.skip_first_relax,
+                           relax=config.relax, bwd_relax=config.bwd_relax,
+                           skip_first_relax=config.skip_first_relax,
                            final_residual=config.final_residual,
                            cycle=config.cycle, nested=config.nested,
                            warm_start=config.warm_start, warm_start_mb=config.warm_start_mb,
@@ -585,6 +586,12 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
     dtype = getattr(torch, config.dtype)
     train_data = _TensorSplit(dataset.train, dtype)
     test_data = _TensorSplit(dataset.test, dtype)
+    if config.propagator == "mgrit" and dataset.train.seq_len < config.time_ranks:
+        # batches shorter than the time ranks run serially on every rank: if
+        # every batch is, MGRIT never runs (say so before training starts)
+        raise InputError(f"option time_ranks ({flag('time_ranks')}): {config.time_ranks} time "
+                         f"ranks for training sequences of at most {dataset.train.seq_len} "
+                         f"steps: use at most {dataset.train.seq_len} time ranks")
 
     model = build_model(config, dataset, time_comm)
     optimizer = make_optimizer(config, model)

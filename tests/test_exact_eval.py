@@ -25,7 +25,9 @@ INEXACT = [f"{k}_inexact" for k in TEST_METRICS]
 
 def config(out, **options):
     base = dict(**DATA, out=str(out), hidden=8, epochs=2, batch_size=16, threads=1,
-                progress="off", propagator="mgrit", lr=0.02)
+                progress="off", propagator="mgrit", lr=0.02,
+                # the cheap settings of the reference work: clearly inexact
+                relax=("F", "FCF"), nested=False)
     base.update(options)
     return make_config(base)
 
