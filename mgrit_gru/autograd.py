@@ -70,6 +70,7 @@ class MGRITOptions:
     skip_first_relax: bool = False
     cycle: str = "V"
     nested: bool = False          # nested iteration (full multigrid initial guess)
+    bwd_nested: bool | None = None  # the adjoint's; None: as nested
     warm_start: bool = False      # initial guesses from the previous epoch's solutions
     warm_start_mb: float = 1024.0  # cap of the warm-start store per rank (MB)
     coarse_input: str = "end"     # input of a coarse step: "end" point or "mean" of the interval
@@ -91,7 +92,8 @@ class MGRITOptions:
             rel_tol=self.bwd_rtol if backward else self.fwd_rtol,
             relax=_relax_value(self.bwd_relax if backward and self.bwd_relax is not None
                                else self.relax),
-            skip_first_relax=self.skip_first_relax, cycle=self.cycle, nested=self.nested,
+            skip_first_relax=self.skip_first_relax, cycle=self.cycle,
+            nested=self.bwd_nested if backward and self.bwd_nested is not None else self.nested,
             final_residual=self.final_residual, verbose=self.verbose,
         )
 

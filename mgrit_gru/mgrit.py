@@ -21,9 +21,9 @@ Cycles (XBraid's ordering). ``V``: every level does steps 1-5 once, with a
 V-cycle below it.  ``F``: the fine level does steps 1-5 once per iteration,
 its level-1 problem solved by an F-cycle; an F-cycle on a coarse level ``l``
 is a coarse-grid correction with an F-cycle on ``l + 1`` followed by a
-relaxation and a coarse-grid correction with a V-cycle on ``l + 1``.  So on
-``L`` levels an F-iteration visits level ``l >= 1`` ``2**(l-1)`` times where
-a V-iteration visits it once (the coarsest: ``2**(L-2)`` sweeps).
+relaxation and a coarse-grid correction with a V-cycle on ``l + 1``.  So an
+F-iteration reaches level ``l >= 1`` ``l`` times where a V-iteration reaches
+it once (the coarsest level: ``L - 1`` sweeps per iteration on ``L`` levels).
 
 Nested iteration (``nested``, full multigrid): before the first iteration
 the problem is solved on the coarsest level by a sequential sweep, then, on

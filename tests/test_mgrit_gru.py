@@ -115,8 +115,98 @@ def check_rank_independence(comm):
                 assert math.isclose(a, b, rel_tol=1e-12), (fp, f1, bp, b1)
 
 
+TIGHT_KW = dict(fwd_iters=60, bwd_iters=60, fwd_tol=1e-13, bwd_tol=1e-13)
+
+
+def _assert_grads_equal(got, want, atol=1e-9, what=""):
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=0, atol=atol), (what, name)
+
+
+def check_options_converge_to_bptt(comm):
+    """Nested iteration, F-cycle, interval-mean coarse inputs, FCF, relative
+    tolerances, and a skipped first relaxation with a tolerance (whose untouched
+    zero guess of the adjoint has zero C-point residuals): at tight tolerances
+    every one gives the exact gradient."""
+    model = _model("mean")
+    x, lengths, y = _batch(45, seed=8)
+    l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    for kw in [dict(nested=True), dict(cycle="F", levels=4, cfactor=2), dict(coarse_input="mean"),
+               dict(relax="FCF", nested=True), dict(skip_first_relax=True),
+               dict(fwd_iters=60, bwd_iters=60, fwd_rtol=1e-12, bwd_rtol=1e-12),
+               dict(fwd_iters=60, bwd_iters=60, fwd_rtol=1e-12, bwd_rtol=1e-12, skip_first_relax=True)]:
+        opts = MGRITOptions(**(kw if "fwd_rtol" in kw else dict(TIGHT_KW, **kw)))
+        prop = MGRITPropagator(comm, opts)
+        l_mg, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+        assert abs(l_ref - l_mg) < 1e-10, kw
+        assert prop.last_stats["bwd_iters"] >= 1, kw
+        _assert_grads_equal(g_mg, g_ref, what=kw)
+
+
+def check_input_gradient(comm):
+    """x.grad under MGRIT (a layer before the recurrence needs it) equals BPTT's."""
+    model = _model("mean")
+    x, lengths, y = _batch(40, seed=9)
+    grads = []
+    for prop in (AutogradPropagator(), MGRITPropagator(comm, TIGHT)):
+        model.propagator = prop
+        xr = x.clone().requires_grad_(True)
+        F.cross_entropy(model(xr, lengths), y).backward()
+        grads.append(xr.grad)
+    assert grads[1] is not None
+    assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-10)
+
+
+def check_warm_start(comm):
+    """The second solve of the same sequences starts where the first ended;
+    at tight tolerances a warm-started gradient is the exact one."""
+    model = _model("mean")
+    x, lengths, y = _batch(50, seed=10)
+    ids = [7, 3, 11, 0, 5]
+    prop = MGRITPropagator(comm, MGRITOptions(warm_start=True))
+    first = None
+    for k in range(2):
+        prop.set_sample_ids(ids)
+        _loss_and_grads(model, prop, x, lengths, y)
+        if first is None:
+            first = prop.last_info["fwd"].residuals
+    again = prop.last_info["fwd"].residuals
+    assert math.isclose(again[0], first[-1], rel_tol=1e-9)   # same weights: the last state
+    assert again[-1] < first[-1]
+    assert len(prop.warm) == 2 * len(ids)
+    # exact at tight tolerances, after a weight change (a stale guess is only a guess)
+    _, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    prop = MGRITPropagator(comm, MGRITOptions(warm_start=True, **TIGHT_KW))
+    with torch.no_grad():
+        prop.set_sample_ids(ids)
+        model.propagator = prop
+        model.cell.weight_hh.mul_(0.9)
+        model(x, lengths)
+        model.cell.weight_hh.div_(0.9)
+    prop.set_sample_ids(ids)
+    _, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+    _assert_grads_equal(g_mg, g_ref, what="warm")
+
+
+def check_batch_shorter_than_time_ranks(comm):
+    """Fewer steps than time ranks: serial on every rank, the exact gradient."""
+    n = comm.size - 1
+    if n < 1:
+        return
+    model = _model("last")
+    x, lengths, y = _batch(n, seed=11)
+    lengths = lengths.clamp(max=n)
+    _, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    prop = MGRITPropagator(comm, MGRITOptions(), log=lambda line: None)
+    _, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+    assert prop.last_stats["serial_fallback"] == 1.0
+    _assert_grads_equal(g_mg, g_ref, atol=1e-12)
+
+
 CHECKS = [check_forward_states_equal_serial, check_gradients_equal_bptt,
-          check_inexact_gradient_is_a_descent_direction, check_rank_independence]
+          check_inexact_gradient_is_a_descent_direction, check_rank_independence,
+          check_options_converge_to_bptt, check_input_gradient, check_warm_start,
+          check_batch_shorter_than_time_ranks]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
@@ -181,3 +271,30 @@ def test_no_saved_projections_when_the_last_sweep_is_stale(opts):
     x, _, _ = _batch(37)
     *_, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
     assert hw is None
+
+
+def test_backward_uses_the_parameters_of_the_forward():
+    """Parameters replaced between forward and backward (functional_call-like):
+    the gradient is the one at the forward's parameters, not the cell's new ones."""
+    model = _model("mean")
+    x, lengths, y = _batch(30, seed=12)
+    _, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+    model.propagator = MGRITPropagator(None, TIGHT)
+    model.zero_grad()
+    old = {n: p for n, p in model.cell.named_parameters()}
+    loss = F.cross_entropy(model(x, lengths), y)
+    for name, p in old.items():        # new parameter objects with other values
+        setattr(model.cell, name, torch.nn.Parameter(p.detach() * 1.5))
+    loss.backward()
+    for name, p in old.items():
+        assert torch.allclose(p.grad, g_ref[f"cell.{name}"], rtol=0, atol=1e-9), name
+
+
+def test_tolerance_below_dtype_reach_warns():
+    lines = []
+    torch.manual_seed(0)
+    model = SequenceClassifier("implicit-gru", D, H, C)
+    model.propagator = MGRITPropagator(None, MGRITOptions(fwd_iters=30, fwd_rtol=1e-12),
+                                       log=lines.append)
+    model(torch.randn(B, 40, D))
+    assert any("below what float32 can reach" in line for line in lines), lines
