@@ -39,7 +39,7 @@ run_mpi() {
 run_mpi 2
 run_mpi 3
 # the solver's P-independence at an even count that is not 2 (oversubscribed here)
-run_mpi 4 tests/test_mgrit.py tests/test_mgrit_gru.py
+run_mpi 4 tests/test_mgrit.py tests/test_mgrit_cycles.py tests/test_mgrit_gru.py
 # strategy workers on 2 time ranks x 2 data groups (the test runs only on 4 ranks; ~10 s)
 run_mpi 4 "tests/test_strategies.py::test_mgrit_time_ranks_compose_with_workers[mutex-2x2]" \
     "tests/test_strategies.py::test_mgrit_time_ranks_compose_with_workers[averaging-2x2]"
