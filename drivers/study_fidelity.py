@@ -77,6 +77,7 @@ SETTINGS: dict[str, str] = {
     "warm":         "{old} --warm-start",
     "adaptive":     "{old} --fwd-rtol 1e-3 --bwd-rtol 1e-3 --fwd-iters 6 --bwd-iters 4",
     "coarse-mean":  "{old} --coarse-input mean",
+    "new-F-adjoint": "--propagator mgrit --bwd-relax F",  # cheaper: F relaxation in the adjoint
 }
 #: The MGRIT defaults before the fidelity work.
 OLD_DEFAULTS = "--propagator mgrit --fwd-iters 2 --bwd-iters 1 --relax F,FCF --cycle V"
@@ -117,7 +118,7 @@ DATASETS: dict[str, dict] = {
     "default":         {"data": "default", "info": "mgrit_gru/datasets/FreezerRegularTrain.h5",
                         "epochs": 20, "settings": None, "seeds": (0, 1, 2)},  # 150 / 1000, T 301
     "synthetic-1024":  {"synthetic": 1024, "n_train": 512, "n_test": 256, "epochs": 12,
-                        "settings": MAIN, "seeds": (0,)},
+                        "settings": MAIN, "seeds": (0, 1, 2)},
     "synthetic-4096":  {"synthetic": 4096, "n_train": 64, "n_test": 64, "epochs": 10,
                         "settings": MAIN, "seeds": (0,)},
     "CricketX":        {"ucr": "CricketX", "epochs": 20, "settings": MAIN + ("warm",),
