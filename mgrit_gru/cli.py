@@ -84,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a sequence classifier; options merge as "
                                 "defaults < --config FILE.toml < flags (see docs/usage.md).")
     train.add_argument("--config", metavar="FILE.toml", help="TOML file of options")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from "
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from "
                        "its checkpoint (its config.toml is the base of the options)")
+    start.add_argument("--resume-or-start", metavar="RUN_DIR", help="resume the run in "
+                       "RUN_DIR if it has a checkpoint, else start it there (for requeued "
+                       "and re-submitted jobs; see docs/reliability.md)")
     options = train.add_argument_group("training options")
     for f in dataclasses.fields(TrainConfig):
         _add_option(options, f)
@@ -95,9 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_checkpoint(folder: str) -> bool:
+    """True if ``folder`` holds a checkpoint to resume from (the current or the
+    previous one)."""
+    return any((Path(folder) / name).is_file() for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < resumed run's config.toml < --config < flags."""
     sources = []
+    if args.resume_or_start:
+        if _has_checkpoint(args.resume_or_start):
+            args.resume = args.resume_or_start
+        else:
+            flags_out = getattr(args, "out", None)
+            if flags_out is not None and Path(flags_out) != Path(args.resume_or_start):
+                raise InputError(f"--out {flags_out}: differs from --resume-or-start "
+                                 f"{args.resume_or_start}")
+            args.out = args.resume_or_start
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if hasattr(args, f.name)}
     if args.resume:

@@ -42,6 +42,10 @@ CYCLES = ("V", "F")
 COARSE_INPUTS = ("end", "mean")
 STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
 PROGRESS = ("auto", "on", "off")
+DIVERGENCE = ("stop", "skip-batch")
+#: Signals that may stop a run cleanly besides SIGTERM (SIGUSR1 is taken by
+#: MPICH's MPI_Init, SIGINT ends a run at once).
+STOP_SIGNALS = ("USR2", "HUP", "ALRM", "XCPU", "none")
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -149,6 +153,20 @@ class TrainConfig:
                                  "after the last)")
     progress: str = _opt("auto", "progress bar over batches (auto: when stderr "
                          "is a terminal)", choices=PROGRESS)
+    # reliability (docs/reliability.md)
+    checkpoint_seconds: float = _opt(0.0, "also write a checkpoint inside an epoch when this "
+                                     "many seconds have passed since the last one (0: off)")
+    checkpoint_batches: int = _opt(0, "also write a checkpoint inside an epoch every N "
+                                   "batches (0: off)")
+    sync_batches: int = _opt(0, "batches between the points inside an epoch where a run may "
+                             "stop or checkpoint (0: 1 for sequential, 16 x workers for the "
+                             "strategies with workers, whose pipeline drains there)")
+    stop_signal: str = _opt("USR2", "signal that, like SIGTERM, makes the run checkpoint at "
+                            "the next batch and exit with code 75 (not USR1: MPICH takes "
+                            "it)", choices=STOP_SIGNALS)
+    on_divergence: str = _opt("stop", "a non-finite loss, gradient or MGRIT residual: stop "
+                              "the run (exit code 3) or skip the batch (counted in "
+                              "metrics.json)", choices=DIVERGENCE)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -178,7 +196,8 @@ _POSITIVE = {"hidden", "epochs", "batch_size", "workers", "threads", "levels",
              "checkpoint_every", "fwd_iters", "bwd_iters"}
 
 
-_NON_NEGATIVE = {"exact_last_epochs", "grad_check_every"}
+_NON_NEGATIVE = {"exact_last_epochs", "grad_check_every", "checkpoint_batches",
+                 "sync_batches"}
 
 
 def flag(name: str) -> str:
