@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from mgrit_gru.config import TrainConfig, flag, load_config, make_config
-from mgrit_gru.errors import InputError
+from mgrit_gru.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED, Diverged,
+                              InputError, Stopped)
 
 PROG = "mgrit-gru"
 
@@ -140,8 +141,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mgrit_gru.train import train
 
     comm = Comm.world()
-    with abort_on_exception(comm, prog=PROG):
-        train(config, comm, resume=bool(args.resume))
+    try:
+        with abort_on_exception(comm, prog=PROG):
+            train(config, comm, resume=bool(args.resume))
+    except Stopped:         # raised on every rank after the checkpoint: logged by rank 0
+        return EXIT_STOPPED
+    except Diverged as e:   # raised on every rank
+        _error(f"diverged: {e}")
+        return EXIT_DIVERGED
     return 0
 
 
@@ -259,4 +266,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(e))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -150,37 +150,87 @@ def world_size() -> int:
     return 1 if MPI is None else MPI.COMM_WORLD.Get_size()
 
 
+def _say(line: str) -> None:
+    """Write one line to stderr in one system call (lines of different
+    ranks never interleave)."""
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed stderr
+        pass
+    try:
+        os.write(2, (line.rstrip("\n") + "\n").encode(errors="replace"))
+    except OSError:
+        pass
+
+
 def abort_job(code: int = 1) -> None:  # pragma: no cover - ends the process
-    """End every rank of the job now."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
+    """End every rank of the job now, with exit code ``code``.
+
+    With several ranks this is ``MPI_Abort``; MPICH's own "application
+    called MPI_Abort" line is silenced (stderr goes to /dev/null first: the
+    reason was printed already)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    if MPI is not None and MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+        except OSError:
+            pass
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+#: Seconds a rank other than 0 waits before it prints an error that every rank
+#: may have raised (rank 0 prints it and ends the job first, if it can).
+ROOT_GRACE_SECONDS = 1.5
 
 
 @contextlib.contextmanager
 def abort_on_exception(comm: Comm | None = None, *, prog: str = "mgrit-gru"):
     """Run a block; an exception on any rank ends the whole job with its message.
 
-    An :class:`InputError` prints ``prog: error: msg`` (exit code 2), anything
-    else prints the traceback of the failing rank (exit code 1).  With one
-    process the exception propagates normally, so callers (and tests) can
-    catch it.
+    With one process the exception propagates normally, so callers (and
+    tests) can catch it. With several:
+
+    * :class:`~mgrit_gru.errors.Stopped` and :class:`~mgrit_gru.errors.Diverged`
+      propagate too: the training loop raises them on every rank at the same
+      point (after agreeing on them), so every rank can end normally;
+    * :class:`InputError` prints ``prog: error: msg`` once and ends the job
+      with exit code 2: rank 0 prints (it raises most input errors together
+      with every other rank); another rank prints only if the job is still
+      alive :data:`ROOT_GRACE_SECONDS` later (it alone raised it);
+    * ``KeyboardInterrupt`` (SIGINT: mpiexec forwards Ctrl-C to every rank)
+      prints ``prog: interrupted`` once the same way, exit code 130;
+    * anything else prints the failing rank's traceback, exit code 1.
     """
+    from mgrit_gru.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, Diverged, Stopped
+
     try:
         yield
-    except SystemExit:
+    except (SystemExit, Stopped, Diverged):
         raise
     except BaseException as exc:  # noqa: BLE001 - we re-raise or abort
         n = world_size()
         if n <= 1:
             raise
         rank = MPI.COMM_WORLD.Get_rank()
-        if isinstance(exc, InputError):
-            print(f"{prog}: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-            abort_job(2)
-        print(f"{prog}: error (rank {rank} of {n}): {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, (InputError, KeyboardInterrupt)):
+            if isinstance(exc, InputError):
+                lines = str(exc).strip().splitlines() or ["error"]
+                code, line = EXIT_INPUT, f"{prog}: error: {lines[0]}"
+            else:
+                code, line = EXIT_INTERRUPTED, f"{prog}: interrupted"
+            if rank != 0:
+                import time
+                time.sleep(ROOT_GRACE_SECONDS)
+                line = line.replace(f"{prog}:", f"{prog} (rank {rank}):", 1)
+            _say(line)
+            abort_job(code)
+        _say(f"{prog}: error (rank {rank} of {n}): {type(exc).__name__}: {exc}")
         traceback.print_exc(file=sys.stderr)
-        print(f"{prog}: aborting all {n} ranks", file=sys.stderr, flush=True)
-        abort_job(1)
+        _say(f"{prog}: aborting all {n} ranks")
+        abort_job(EXIT_INTERNAL)

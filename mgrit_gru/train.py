@@ -49,7 +49,9 @@ import mgrit_gru
 from mgrit_gru.comm import Comm
 from mgrit_gru.config import TrainConfig, flag
 from mgrit_gru.data import DEFAULT_DATASET, Dataset, Split, batch_indices, load_dataset
-from mgrit_gru.errors import InputError
+from mgrit_gru.errors import Diverged, InputError, Stopped
+from mgrit_gru.runfolder import RunFolder, claim_run_name, load_checkpoint, strict_json
+from mgrit_gru.signals import StopSignals
 from mgrit_gru.strategies import make_strategy
 
 #: Smallest minibatch of the evaluation (no gradients are kept, and larger
@@ -70,9 +72,6 @@ EPOCH_STATS = (*MGRIT_STATS, *MGRIT_STEP_STATS, "serial_batches",
 #: The test metrics of :func:`evaluate` (suffix ``_inexact``: under the
 #: training forward).
 TEST_METRICS = ("test_loss", "test_accuracy", "test_precision", "test_recall", "test_f1")
-
-
-_RUN_FILES = ("config.toml", "metrics.json", "checkpoint.pt", "log.txt")
 
 
 # --------------------------------------------------------------------------- #
@@ -116,11 +115,17 @@ def param_checksum(model: torch.nn.Module) -> tuple[float, float]:
     return s, sq
 
 
-def check_replicas(model: torch.nn.Module, comm: Comm) -> tuple[float, float]:
+def check_replicas(model: torch.nn.Module, comm: Comm, where: str = "") -> tuple[float, float]:
     """Raise ``RuntimeError`` on every rank unless all ranks hold the same
-    parameters (compared through :func:`param_checksum`); return the checksum."""
+    parameters (compared through :func:`param_checksum`); return the checksum.
+    Non-finite parameters on any rank raise :class:`Diverged` instead (NaN
+    never equals NaN, but it is no rank mismatch)."""
     checksum = param_checksum(model)
     gathered = comm.allgather_object(checksum)
+    nonfinite = [r for r, c in enumerate(gathered) if not all(map(math.isfinite, c))]
+    if nonfinite:
+        raise Diverged(f"non-finite parameters{' ' + where if where else ''} (rank "
+                       f"{nonfinite[0]}); the last checkpoint is untouched")
     bad = [r for r, c in enumerate(gathered) if c != gathered[0]]
     if bad:
         raise RuntimeError(f"parameters differ across ranks: checksum (sum, sum of squares) "
@@ -137,15 +142,18 @@ def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
     The run folder is rank 0's choice, broadcast to every rank.
     """
     changes: dict[str, Any] = {}
-    out = config.out
-    if out is None and comm.is_root:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out = f"runs/{stamp}-{config.cell}"
-        n = 2
-        while Path(out).exists():
-            out = f"runs/{stamp}-{config.cell}-{n}"
-            n += 1
-    changes["out"] = comm.bcast_object(out)
+    out = error = None
+    if comm.is_root:
+        out = config.out
+        if out is None:
+            try:
+                out = claim_run_name(f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.cell}")
+            except OSError as e:
+                error = f"run folder under runs/: cannot create ({e.strerror})"
+    out, error = comm.bcast_object((out, error))
+    if error:
+        raise InputError(error)
+    changes["out"] = out
     time_ranks = config.time_ranks
     if time_ranks is None:
         time_ranks = comm.size if config.propagator == "mgrit" else 1
@@ -286,8 +294,15 @@ class _Stepper:
     :meth:`reduce_`, :meth:`record` and :attr:`data_groups`.
     """
 
-    def __init__(self, data: _TensorSplit, model: torch.nn.Module, data_comm: Comm):
+    def __init__(self, data: _TensorSplit, model: torch.nn.Module, data_comm: Comm,
+                 skip: bool = False):
         self.local = _ShardStep(data, data_comm.rank, data_comm.size)
+        #: skip the update of a batch with a non-finite loss, gradient or
+        #: residual (else only note it in :attr:`bad` for the loop to stop)
+        self.skip = skip
+        self.position = 0          # index in the epoch of the next batch
+        self.bad: tuple[int, str] | None = None   # first bad batch since reset by the loop
+        self.skipped_now = 0       # batches skipped since reset by the loop
         self.comm = data_comm
         self.data_groups = data_comm.size
         self.sums = dict.fromkeys(MGRIT_STATS + MGRIT_STEP_STATS + ("serial_fallback",), 0.0)
@@ -301,6 +316,48 @@ class _Stepper:
         self.sums = dict.fromkeys(self.sums, 0.0)
         self.maxima = dict.fromkeys(self.maxima, 0.0)
         self.steps = 0
+
+    def state(self) -> dict:
+        """The epoch's statistics so far (for a mid-epoch checkpoint)."""
+        return {"sums": dict(self.sums), "maxima": dict(self.maxima), "steps": self.steps}
+
+    def load_state(self, state: dict) -> None:
+        self.sums.update({k: float(v) for k, v in state.get("sums", {}).items()
+                          if k in self.sums})
+        self.maxima.update({k: float(v) for k, v in state.get("maxima", {}).items()
+                            if k in self.maxima})
+        self.steps = int(state.get("steps", 0))
+
+    def _check(self, model: torch.nn.Module, loss: float, residuals: bool = True) -> float:
+        """Look for a non-finite loss, gradient or MGRIT residual in the batch
+        just computed (identical on every rank of a data group's step). Note
+        the first in :attr:`bad`; drop the gradients (the optimizer then skips
+        the step) and return 0 as the loss when it is skipped or will stop the run."""
+        index = self.position
+        self.position += 1
+        what = None
+        if not math.isfinite(loss):
+            what = "loss"
+        elif not all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                     for p in model.parameters()):
+            what = "gradient"
+        elif residuals:     # (a data group's own: checked only with one group)
+            info = getattr(model.propagator, "last_info", None) or {}
+            for kind, name in (("fwd", "forward"), ("bwd", "backward")):
+                res = getattr(info.get(kind), "residuals", None) or []
+                it = next((k for k, r in enumerate(res) if not math.isfinite(r)), None)
+                if it is not None:
+                    what = f"{name} MGRIT residual (fine level, iteration {it})"
+                    break
+        if what is None:
+            return loss
+        if self.bad is None:
+            self.bad = (index, what)
+        if self.skip:
+            self.skipped_now += 1
+        for p in model.parameters():
+            p.grad = None
+        return 0.0
 
     def mean_stats(self) -> dict[str, float]:
         """The epoch's MGRIT statistics: the means per step of
@@ -336,7 +393,7 @@ class _Stepper:
         loss = self.local(model, idx)
         self.record(model, idx)
         if self.buffer is None:
-            return loss
+            return self._check(model, loss)
         params = list(model.parameters())
         buf, offset = self.buffer, 0
         for p in params:
@@ -356,7 +413,7 @@ class _Stepper:
             else:
                 p.grad.view(-1).copy_(buf[offset:offset + n])
             offset += n
-        return float(buf[offset])
+        return self._check(model, float(buf[offset]), residuals=False)
 
 
 @torch.no_grad()
@@ -446,88 +503,6 @@ def gradient_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, len
 
 
 # --------------------------------------------------------------------------- #
-# the run folder (rank 0 only)
-# --------------------------------------------------------------------------- #
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(file_object)`` into a temporary file in the
-    same folder, flushed to disk, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-class RunFolder:
-    """The files of one run; every method is a no-op except on rank 0."""
-
-    def __init__(self, path: str, comm: Comm, *, resume: bool):
-        self.path = Path(path)
-        self.active = comm.is_root
-        error = None
-        if self.active:
-            error = self._prepare(resume)
-        error = comm.bcast_object(error)
-        if error:
-            raise InputError(error)
-
-    def _prepare(self, resume: bool) -> str | None:
-        """Create (or check, on resume) the folder; an error message or None."""
-        where = f"run folder {self.path}"
-        if resume:
-            if not (self.path / "checkpoint.pt").is_file():
-                return f"{where}: no checkpoint.pt to resume from"
-            return None
-        if self.path.exists() and not self.path.is_dir():
-            return f"{where}: exists and is not a folder"
-        if any((self.path / f).exists() for f in _RUN_FILES):
-            return f"{where}: already holds a run (resume it with --resume, or choose another --out)"
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"{where}: cannot create ({e.strerror})"
-        return None
-
-    def write_config(self, config: TrainConfig) -> None:
-        if self.active:
-            _atomic_write(self.path / "config.toml",
-                          lambda fh: tomli_w.dump(config.to_dict(), fh))
-
-    def write_metrics(self, metrics: dict) -> None:
-        if self.active:
-            _atomic_write(self.path / "metrics.json",
-                          lambda fh: fh.write(json.dumps(metrics, indent=2).encode()))
-
-    def write_checkpoint(self, state: dict) -> None:
-        if self.active:
-            _atomic_write(self.path / "checkpoint.pt", lambda fh: torch.save(state, fh))
-
-    def log(self, line: str) -> None:
-        """Print ``line`` and append it to log.txt."""
-        if self.active:
-            print(line, flush=True)
-            with open(self.path / "log.txt", "a") as fh:
-                fh.write(line + "\n")
-
-
-def _load_checkpoint(folder: Path, comm: Comm) -> dict:
-    """Rank 0 reads checkpoint.pt and metrics.json of a run; every rank gets them."""
-    state = error = None
-    if comm.is_root:
-        try:
-            state = torch.load(folder / "checkpoint.pt", weights_only=True)
-            with open(folder / "metrics.json") as fh:
-                state["history"] = json.load(fh)["epochs"]
-        except Exception as e:  # noqa: BLE001 - any failure is a bad run folder
-            error = f"run folder {folder}: cannot resume ({type(e).__name__}: {e})".splitlines()[0]
-    state, error = comm.bcast_object((state, error))
-    if error:
-        raise InputError(error)
-    return state
-
-
-# --------------------------------------------------------------------------- #
 # the loop
 # --------------------------------------------------------------------------- #
 def _summary(epoch: int, epochs: int, record: dict) -> str:
@@ -563,21 +538,74 @@ def _show_progress(config: TrainConfig, comm: Comm) -> bool:
     return config.progress == "on" or sys.stderr.isatty()
 
 
+def _agreed_signal(stop: StopSignals, comm: Comm) -> str:
+    """The name of the stop signal some rank received (collective)."""
+    names = comm.allgather_object(stop.requested)
+    return next((n for n in names if n), "a stop signal")
+
+
 def _final(epochs: list[dict]) -> dict:
     final = dict(epochs[-1])
     final["train_seconds"] = sum(e["seconds"] for e in epochs)
     return final
 
 
+def _sync_batches(config: TrainConfig) -> int:
+    """Batches between two synchronisation points of an epoch (where a run may
+    stop or write a mid-epoch checkpoint): ``sync_batches``, else 1 for the
+    sequential strategy and 16 x workers for the others (their pipeline
+    drains at each point, so the points are part of the run's definition)."""
+    if config.sync_batches:
+        return config.sync_batches
+    return 1 if config.strategy == "sequential" else 16 * config.workers
+
+
+class _Partial:
+    """The running sums of an epoch in progress (saved in mid-epoch checkpoints)."""
+
+    FIELDS = ("loss", "count", "updates", "skipped", "seconds")
+
+    def __init__(self, **values: float) -> None:
+        for k in self.FIELDS:
+            setattr(self, k, float(values.get(k, 0.0)))
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+def _finite_params(model: torch.nn.Module) -> bool:
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _check_options(config: TrainConfig) -> None:
+    """Cross-option checks of the reliability options."""
+    if config.on_divergence == "skip-batch" and config.strategy != "sequential":
+        raise InputError(f"option on_divergence ({flag('on_divergence')}): skip-batch needs "
+                         f"strategy = sequential (workers update the model themselves)")
+
+
 def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False) -> dict:
     """Train as ``config`` says; return the metrics (the content of metrics.json).
 
     ``comm`` defaults to all MPI ranks. With ``resume``, the run in
-    ``config.out`` continues from its checkpoint up to ``config.epochs``.
-    Bad options or data raise :class:`InputError` (on every rank).
+    ``config.out`` continues from its checkpoint (at an epoch's end or inside
+    an epoch) up to ``config.epochs``. Bad options or data raise
+    :class:`InputError` (on every rank); SIGTERM or the stop signal raise
+    :class:`~mgrit_gru.errors.Stopped` on every rank after the checkpoint is
+    written; a non-finite loss, gradient, residual or parameter raises
+    :class:`~mgrit_gru.errors.Diverged` on every rank (docs/reliability.md).
     """
     comm = Comm.world() if comm is None else comm
+    _check_options(config)
     config = resolve_config(config, comm)
+    with StopSignals(config.stop_signal) as stop, \
+            RunFolder(config.out, comm, resume=resume) as run:
+        return _train(config, comm, run, stop, resume)
+
+
+def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
+           resume: bool) -> dict:
     torch.set_num_threads(config.threads)
     time_comm, data_comm = comm.split_grid(config.time_ranks)
     data_name = DEFAULT_DATASET if config.data == "default" else config.data
@@ -603,18 +631,25 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
     # the exact serial recurrence: the test metrics, the serial epochs, the gradient check
     exact = model.propagator if config.propagator == "serial" else SerialPropagator()
     train_propagator = model.propagator
-    run = RunFolder(config.out, comm, resume=resume)
     history: list[dict] = []
-    start = 1
+    start, start_batch, partial0, stats0 = 1, 0, _Partial(), None
+    warnings: list[str] = []
     if resume:
-        state = _load_checkpoint(run.path, comm)
+        state, warnings = load_checkpoint(run.path, comm)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"run folder {run.path}: checkpoint does not fit the options "
-                             f"({str(e).splitlines()[0]})") from None
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+                from None
         start = int(state["epoch"]) + 1
+        start_batch = int(state.get("batch", 0))
+        if start_batch:
+            partial0 = _Partial(**state.get("partial", {}))
+            stats0 = state.get("stats")
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"])
         history = [e for e in state["history"] if e["epoch"] < start]
     check_replicas(model, comm)
 
@@ -623,16 +658,24 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                    "ranks": comm.size, "time_ranks": config.time_ranks,
                    "data_groups": data_comm.size, "threads": config.threads}
     run.write_config(config)
+    for line in run.notes:
+        run.log(line)
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"mgrit-gru train | data {dataset.name}: {train_data.n} train / {test_data.n} test, "
             f"T {dataset.seq_len}, d {dataset.input_size}, {dataset.num_classes} classes | "
             f"{config.cell} H {config.hidden}, {n_params} parameters | {config.propagator} | "
             f"ranks {comm.size} = {config.time_ranks} time x {data_comm.size} data | "
             f"threads {config.threads} | run folder {run.path}")
+    for line in warnings:
+        run.log(line)
     if resume:
-        run.log(f"resuming after epoch {start - 1}")
+        where = f"batch {start_batch} of epoch {start}" if start_batch else f"epoch {start - 1}"
+        run.log(f"resuming after {where}")
+        if config.warm_start and mgrit:
+            run.log("warning: warm starts are not checkpointed: the resumed run starts them "
+                    "anew (its solves differ from the uninterrupted run's)")
 
-    stepper = _Stepper(train_data, model, data_comm)
+    stepper = _Stepper(train_data, model, data_comm, skip=config.on_divergence == "skip-batch")
     # the gradient check's probe: the first batch_size training sequences, the whole
     # batch on every rank
     probe = train_data.take(slice(0, min(config.batch_size, train_data.n)))
@@ -640,6 +683,25 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
     metrics: dict[str, Any] = {"config": config.to_dict(), "epochs": history,
                                "final": _final(history) if history else {},
                                "environment": environment}
+    sync = _sync_batches(config)
+    last_checkpoint = time.monotonic()
+    batches_since_checkpoint = 0
+
+    def checkpoint(epoch_done: int, batch: int, partial: _Partial | None) -> None:
+        """Write a checkpoint after ``epoch_done`` epochs and ``batch`` batches
+        of the next one (rank 0; the weights are known to be finite)."""
+        nonlocal last_checkpoint, batches_since_checkpoint
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "epoch": epoch_done, "batch": batch, "config": config.to_dict(),
+                 "history": strict_json(history), "rng": {"torch": torch.get_rng_state()}}
+        if batch:
+            state["partial"] = partial.as_dict()
+            state["stats"] = stepper.state()
+        run.write_checkpoint(state)
+        comm.barrier()      # no rank ends the job while rank 0 is writing
+        last_checkpoint = time.monotonic()
+        batches_since_checkpoint = 0
+
     with make_strategy(config.strategy, config.workers) as strategy:
         tic = time.perf_counter()
         strategy.start(model, optimizer, stepper)
@@ -656,20 +718,75 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                         f"{max(first_exact, 1)}-{config.epochs})")
             model.propagator = exact if serial_epoch else train_propagator
             order = np.random.default_rng([config.seed, epoch])
-            batches = batch_indices(train_data.n, config.batch_size, shuffle=True,
-                                    generator=order)
-            n_batches = math.ceil(train_data.n / config.batch_size)
+            batches = list(batch_indices(train_data.n, config.batch_size, shuffle=True,
+                                         generator=order))
+            n_batches = len(batches)
+            pos, partial = 0, _Partial()
             stepper.reset_stats()
+            if epoch == start and start_batch:
+                pos, partial = min(start_batch, n_batches), partial0
+                if stats0:
+                    stepper.load_state(stats0)
             tic = time.perf_counter()
-            with tqdm(batches, total=n_batches, desc=f"epoch {epoch}/{config.epochs}",
+            with tqdm(total=n_batches, initial=pos, desc=f"epoch {epoch}/{config.epochs}",
                       unit="batch", leave=False, disable=not show_progress) as bar:
-                result = strategy.run_epoch(model, optimizer, bar, stepper)
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": result["train_loss"],
-                                      "updates": result["updates"],
-                                      "seconds": time.perf_counter() - tic,
+                while pos < n_batches:
+                    end = min((pos // sync + 1) * sync, n_batches)
+                    stepper.position = pos
+                    stepper.bad = None
+                    result = strategy.run_epoch(model, optimizer, batches[pos:end], stepper)
+                    bar.update(end - pos)
+                    loss = result["train_loss"] * (end - pos)   # skipped batches add 0
+                    bad = stepper.bad
+                    if bad is None and not (math.isfinite(loss) and (
+                            config.strategy == "sequential" or _finite_params(model))):
+                        bad = (pos, "loss or parameters" if end - pos == 1 else
+                               f"loss or parameters (batches {pos + 1}-{end})")
+                    if bad is not None and config.on_divergence == "skip-batch":
+                        bad = None                     # skipped by the stepper: counted
+                    partial.loss += loss if math.isfinite(loss) else 0.0
+                    partial.count += end - pos - stepper.skipped_now
+                    partial.updates += result["updates"] - stepper.skipped_now
+                    partial.skipped += stepper.skipped_now
+                    stepper.skipped_now = 0
+                    batches_since_checkpoint += end - pos
+                    pos = end
+                    due = (config.checkpoint_seconds > 0 and
+                           time.monotonic() - last_checkpoint >= config.checkpoint_seconds)
+                    flags = torch.tensor([stop.requested is not None, due and comm.is_root,
+                                          bad is not None], dtype=torch.float64)
+                    comm.allreduce_(flags, op="max")
+                    if flags[2]:
+                        reports = comm.allgather_object(
+                            None if bad is None else (bad, comm.rank))
+                        (index, what), rank = next(r for r in reports if r is not None)
+                        raise Diverged(f"non-finite {what} in epoch {epoch}, batch {index + 1} "
+                                       f"of {n_batches} (rank {rank}); the last checkpoint "
+                                       f"is untouched")
+                    due_batches = (config.checkpoint_batches > 0 and
+                                   batches_since_checkpoint >= config.checkpoint_batches)
+                    # at the epoch's end (pos == n_batches) the epoch checkpoint follows,
+                    # unless the run stops: then the evaluation is what is left
+                    if flags[0] or (pos < n_batches and (flags[1] or due_batches)):
+                        saved = _Partial(**partial.as_dict())
+                        saved.seconds += time.perf_counter() - tic
+                        checkpoint(epoch - 1, pos, saved)
+                    if flags[0]:
+                        name = _agreed_signal(stop, comm)
+                        run.log(f"stopped by {name} in epoch {epoch} after batch {pos} of "
+                                f"{n_batches}: checkpoint written; resume with --resume "
+                                f"{run.path} (or --resume-or-start)")
+                        raise Stopped(name)
+            count = partial.count
+            record: dict[str, Any] = {"epoch": epoch,
+                                      "train_loss": partial.loss / count if count else math.nan,
+                                      "updates": int(partial.updates),
+                                      "seconds": partial.seconds + time.perf_counter() - tic,
                                       "train_propagator": "serial" if serial_epoch
                                       else config.propagator,
                                       "inference": "exact"}
+            if config.on_divergence == "skip-batch":
+                record["skipped_batches"] = int(partial.skipped)
             model.propagator = train_propagator
             if mgrit:   # null in the epochs trained serially
                 record.update(dict.fromkeys(EPOCH_STATS) if serial_epoch
@@ -696,13 +813,11 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
                 if mgrit:
                     record.update(dict.fromkeys((*(f"{k}_inexact" for k in TEST_METRICS),
                                                  "eval_seconds_inexact")))
-            check_replicas(model, comm)
+            check_replicas(model, comm, where=f"after epoch {epoch}")
             history.append(record)
             metrics["final"] = _final(history)
             run.log(_summary(epoch, config.epochs, record))
             run.write_metrics(metrics)
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-                run.write_checkpoint({"model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(),
-                                      "epoch": epoch, "config": config.to_dict()})
+                checkpoint(epoch, 0, None)
     return metrics

@@ -113,7 +113,8 @@ def test_same_seed_same_metrics(easy_data, tmp_path):
 def test_run_folder_files(easy_data, tmp_path):
     out = tmp_path / "run"
     metrics = train(config(easy_data, out, checkpoint_every=5), Comm.serial())
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.toml",
+    # .lock: the run's flock (released at the end, the file stays)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "config.toml",
                                                      "log.txt", "metrics.json"]
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
@@ -154,8 +155,11 @@ def test_resume_continues_exactly(easy_data, tmp_path):
 
 
 def test_resume_needs_a_checkpoint(easy_data, tmp_path):
-    with pytest.raises(InputError, match="no checkpoint.pt"):
+    with pytest.raises(InputError, match="not found"):
         train(config(easy_data, tmp_path / "none"), Comm.serial(), resume=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no checkpoint.pt"):
+        train(config(easy_data, tmp_path / "empty"), Comm.serial(), resume=True)
 
 
 def test_time_ranks_must_fit_the_communicator(easy_data, tmp_path):
