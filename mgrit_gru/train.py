@@ -121,11 +121,13 @@ def check_replicas(model: torch.nn.Module, comm: Comm, where: str = "") -> tuple
     Non-finite parameters on any rank raise :class:`Diverged` instead (NaN
     never equals NaN, but it is no rank mismatch)."""
     checksum = param_checksum(model)
-    gathered = comm.allgather_object(checksum)
-    nonfinite = [r for r, c in enumerate(gathered) if not all(map(math.isfinite, c))]
+    gathered = comm.allgather_object((checksum, _finite_params(model)))
+    nonfinite = [r for r, (_, finite) in enumerate(gathered) if not finite]
     if nonfinite:
         raise Diverged(f"non-finite parameters{' ' + where if where else ''} (rank "
                        f"{nonfinite[0]}); the last checkpoint is untouched")
+    gathered = [c for c, _ in gathered]
+    # (huge finite parameters may overflow the sums to inf: equal infs still compare equal)
     bad = [r for r, c in enumerate(gathered) if c != gathered[0]]
     if bad:
         raise RuntimeError(f"parameters differ across ranks: checksum (sum, sum of squares) "
@@ -737,13 +739,15 @@ def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
                     result = strategy.run_epoch(model, optimizer, batches[pos:end], stepper)
                     bar.update(end - pos)
                     loss = result["train_loss"] * (end - pos)   # skipped batches add 0
-                    bad = stepper.bad
-                    if bad is None and not (math.isfinite(loss) and (
-                            config.strategy == "sequential" or _finite_params(model))):
-                        bad = (pos, "loss or parameters" if end - pos == 1 else
-                               f"loss or parameters (batches {pos + 1}-{end})")
-                    if bad is not None and config.on_divergence == "skip-batch":
-                        bad = None                     # skipped by the stepper: counted
+                    # the stepper's finding (a skipped batch is counted, not fatal),
+                    # else the segment's loss (workers) and the updated parameters
+                    bad = None if config.on_divergence == "skip-batch" else stepper.bad
+                    if bad is None and not math.isfinite(loss):
+                        bad = (pos, "loss" if end - pos == 1 else
+                               f"loss (batches {pos + 1}-{end})")
+                    if bad is None and not _finite_params(model):
+                        bad = (end - 1, "parameters after the update" if end - pos == 1 else
+                               f"parameters after the updates of batches {pos + 1}-{end}")
                     partial.loss += loss if math.isfinite(loss) else 0.0
                     partial.count += end - pos - stepper.skipped_now
                     partial.updates += result["updates"] - stepper.skipped_now
