@@ -20,11 +20,21 @@ suffix ``_inexact``. Options: ``exact_last_epochs`` trains the last epochs
 serially, ``grad_check_every`` compares the MGRIT gradient of a probe batch
 with the exact one (:func:`gradient_check`).
 
-Rank 0 prints one summary line per epoch and writes the run folder:
-``config.toml`` (the resolved options), ``log.txt`` (the printed lines),
-``metrics.json`` and ``checkpoint.pt`` (both replaced atomically after every
-epoch, so an interrupted run never leaves a corrupted file). The layout of
-``metrics.json`` is documented in docs/usage.md.
+Rank 0 prints one summary line per epoch and writes the run folder
+(:mod:`mgrit_gru.runfolder`: config, log, strict-JSON metrics, the last two
+checkpoints with digests, a lock). The layout of ``metrics.json`` is
+documented in docs/usage.md.
+
+An epoch runs in segments between *synchronisation points* (after every
+batch with the sequential strategy, every ``16 x workers`` batches with the
+others: ``sync_batches``). At each point the ranks agree, in one small
+allreduce, on three things: a stop signal received by any rank
+(:class:`~mgrit_gru.signals.StopSignals`: checkpoint, then
+:class:`~mgrit_gru.errors.Stopped`), a timed checkpoint due on rank 0, and a
+non-finite loss, gradient, MGRIT residual or parameter on any rank
+(:class:`~mgrit_gru.errors.Diverged`, or a skipped batch). A checkpoint
+inside an epoch holds the position and the epoch's running sums, so that a
+resumed run is bit for bit the uninterrupted one (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -462,8 +462,12 @@ def _raise(w: int, failure: tuple[str, str, str]) -> None:
 
 
 def _process_main(w, replica, local_step, buffers, shared, sync, conn, threads) -> None:
-    """Body of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Body of a worker process. It ignores SIGINT, SIGTERM and the stop
+    signals: schedulers signal every process of a job, and the parent, which
+    handles them, ends its workers itself (the pipe closes; SIGKILL after
+    :data:`STOP_TIMEOUT`)."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR2", "SIGHUP", "SIGALRM", "SIGXCPU"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     torch.set_num_threads(threads)
 
     def receive():
