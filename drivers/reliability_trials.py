@@ -34,7 +34,7 @@ from mgrit_gru.runfolder import CHECKPOINT, read_checkpoint
 
 BIN = Path(sys.executable).parent
 OPTIONS = ["--data", "synthetic:64", "--max-train", "512", "--max-test", "64",
-           "--dtype", "float64", "--epochs", "2", "--propagator", "mgrit",
+           "--dtype", "float64", "--epochs", "3", "--propagator", "mgrit",
            "--batch-size", "16", "--progress", "off"]
 
 
@@ -74,7 +74,7 @@ def signal_trials(n: int, trials: int, root: Path) -> dict:
     results = []
     for trial in range(trials):
         folder = root / f"p{n}-t{trial}"
-        delay = run_seconds * (trial + 0.5) / trials        # spread over the run
+        delay = 0.85 * run_seconds * (trial + 0.5) / trials  # spread over the run
         stops, attempts = [], 0
         while attempts < 5:
             attempts += 1

@@ -136,6 +136,16 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
+    from mgrit_gru.signals import StopSignals
+
+    # The stop signals are caught from here to the end of the command: one
+    # that arrives while torch and MPI start is acted on at the first
+    # synchronisation point, one after the last is ignored (the run is done).
+    with StopSignals(config.stop_signal) as stop:
+        return _train_command(args, config, stop)
+
+
+def _train_command(args: argparse.Namespace, config: TrainConfig, stop) -> int:
     # Imported here: torch and MPI start only for commands that need them.
     from mgrit_gru.comm import Comm, abort_on_exception
     from mgrit_gru.train import train
@@ -143,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     comm = Comm.world()
     try:
         with abort_on_exception(comm, prog=PROG):
-            train(config, comm, resume=bool(args.resume))
+            train(config, comm, resume=bool(args.resume), stop=stop)
     except Stopped:         # raised on every rank after the checkpoint: logged by rank 0
         return EXIT_STOPPED
     except Diverged as e:   # raised on every rank

@@ -39,6 +39,7 @@ resumed run is bit for bit the uninterrupted one (docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -597,7 +598,8 @@ def _check_options(config: TrainConfig) -> None:
                          f"strategy = sequential (workers update the model themselves)")
 
 
-def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False) -> dict:
+def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False,
+          stop: StopSignals | None = None) -> dict:
     """Train as ``config`` says; return the metrics (the content of metrics.json).
 
     ``comm`` defaults to all MPI ranks. With ``resume``, the run in
@@ -607,12 +609,16 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
     :class:`~mgrit_gru.errors.Stopped` on every rank after the checkpoint is
     written; a non-finite loss, gradient, residual or parameter raises
     :class:`~mgrit_gru.errors.Diverged` on every rank (docs/reliability.md).
+    ``stop``: the caller's :class:`StopSignals` (default: caught during the
+    call only).
     """
     comm = Comm.world() if comm is None else comm
     _check_options(config)
     config = resolve_config(config, comm)
-    with StopSignals(config.stop_signal) as stop, \
-            RunFolder(config.out, comm, resume=resume) as run:
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(StopSignals(config.stop_signal))
+        run = stack.enter_context(RunFolder(config.out, comm, resume=resume))
         return _train(config, comm, run, stop, resume)
 
 
