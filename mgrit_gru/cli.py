@@ -138,10 +138,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
     from mgrit_gru.signals import StopSignals
 
-    # The stop signals are caught from here to the end of the command: one
+    # The stop signals are caught from here to the end of the process: one
     # that arrives while torch and MPI start is acted on at the first
     # synchronisation point, one after the last is ignored (the run is done).
-    with StopSignals(config.stop_signal) as stop:
+    with StopSignals(config.stop_signal, after="ignore" if args.process else "restore") as stop:
         return _train_command(args, config, stop)
 
 
@@ -264,12 +264,17 @@ _COMMANDS = {"train": _cmd_train, "datasets": _cmd_datasets, "info": _cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); the exit code.
+
+    Without ``argv`` this is the program (the process ends after it): the
+    stop signals of ``train`` then stay ignored after the run. With ``argv``
+    (a caller in the same process) the previous handlers come back."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, already printed)
         return int(e.code or 0)
+    args.process = argv is None
     try:
         return _COMMANDS[args.command](args)
     except InputError as e:  # one process: the guard let it through

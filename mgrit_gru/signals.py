@@ -37,11 +37,15 @@ class StopSignals:
 
     Inside the block SIGTERM and the stop signal set :attr:`requested` (the
     signal's name) and :attr:`received_at` (``time.monotonic()``) instead of
-    ending the process; the previous handlers come back on exit. Outside the
-    main thread (where Python cannot install handlers) it does nothing.
+    ending the process; on exit the previous handlers come back, or with
+    ``after="ignore"`` the signals are ignored from then on (for a process
+    that is about to end: a signal during its teardown must not turn a
+    finished run into a killed one). Outside the main thread (where Python
+    cannot install handlers) it does nothing.
     """
 
-    def __init__(self, stop_signal: str = "USR2") -> None:
+    def __init__(self, stop_signal: str = "USR2", after: str = "restore") -> None:
+        self.after = after
         numbers = [signal.SIGTERM]
         extra = signal_number(stop_signal)
         if extra is not None and extra not in numbers:
@@ -64,5 +68,5 @@ class StopSignals:
 
     def __exit__(self, *exc_info) -> None:
         for n, old in self._saved.items():
-            signal.signal(n, old)
+            signal.signal(n, signal.SIG_IGN if self.after == "ignore" else old)
         self._saved.clear()
