@@ -1,10 +1,12 @@
 """The SLURM job scripts of hpc_jobs/: train.sbatch, the sweep generator and collect.py.
 
-Without SLURM, ``srun``, ``mpiexec`` and ``sbatch`` are replaced by fake
-launchers that record their arguments and environment (and, for one test, run
-the training command for real); the recorded ``mgrit-gru train`` arguments
-are read back with the product's own parser. If ``sbatch`` is on PATH and a
-controller answers, one tiny job is submitted for real.
+Without SLURM, ``srun``, ``mpiexec``, ``sbatch`` and ``scontrol`` are replaced
+by fake launchers that record their arguments and environment (and, for one
+test, run the training command for real, for others wait for a signal); the
+recorded ``mgrit-gru train`` arguments are read back with the product's own
+parser. If ``sbatch`` is on PATH and a controller answers, one tiny job is
+submitted for real (the stop-and-requeue path under a real SLURM:
+tests/test_slurm_real.py).
 """
 
 import csv
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -31,15 +34,30 @@ PY = sys.executable
 
 # A launcher stand-in: records argv and environment as JSON in $FAKE_RECORD
 # (one file per call: .0, .1, ...); with FAKE_RUN=1 runs the command after
-# its leading "--option" words; exits with $FAKE_EXIT (default 0).
+# its leading "--option" words; with FAKE_WAIT=1 waits (up to 60 s) for
+# SIGTERM, SIGUSR2 or SIGHUP, writes its name to $FAKE_RECORD.signal and exits
+# with 75; else exits with $FAKE_EXIT (default 0; scontrol: 0, and `show`
+# prints $FAKE_SCONTROL_SHOW).
 FAKE_LAUNCHER = f"""#!{PY}
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys, time
 base = os.environ["FAKE_RECORD"]
+got = []
+if os.environ.get("FAKE_WAIT") == "1" and os.path.basename(sys.argv[0]) != "scontrol":
+    for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
 n = 0
 while os.path.exists(f"{{base}}.{{n}}"):
     n += 1
-with open(f"{{base}}.{{n}}", "w") as fh:
+with open(f"{{base}}.{{n}}.tmp", "w") as fh:
     json.dump({{"argv": sys.argv, "env": dict(os.environ)}}, fh)
+os.rename(f"{{base}}.{{n}}.tmp", f"{{base}}.{{n}}")
+if os.environ.get("FAKE_WAIT") == "1" and os.path.basename(sys.argv[0]) != "scontrol":
+    deadline = time.monotonic() + 60
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(f"{{base}}.signal", "w") as fh:
+        fh.write(" ".join(got))
+    sys.exit(75 if got else 1)
 if os.environ.get("FAKE_RUN") == "1":
     cmd = sys.argv[1:]
     while cmd and cmd[0].startswith("-"):
@@ -48,6 +66,10 @@ if os.environ.get("FAKE_RUN") == "1":
     sys.exit(rc)
 if os.path.basename(sys.argv[0]) == "sbatch":
     print(100 + n)
+if os.path.basename(sys.argv[0]) == "scontrol":
+    if "show" in sys.argv:
+        print(os.environ.get("FAKE_SCONTROL_SHOW", "JobId=1 JobState=COMPLETING Reason=None"))
+    sys.exit(0)
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """
 
@@ -60,11 +82,11 @@ def _write_exe(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def fakes(tmp_path):
-    """A folder of fake launchers (srun, sbatch) for PATH, a fake venv (the
-    real python, a fake mpiexec) and the record file prefix."""
+    """A folder of fake launchers (srun, sbatch, scontrol) for PATH, a fake
+    venv (the real python, a fake mpiexec) and the record file prefix."""
     bin_dir = tmp_path / "fakebin"
     bin_dir.mkdir()
-    for name in ("srun", "sbatch"):
+    for name in ("srun", "sbatch", "scontrol"):
         _write_exe(bin_dir / name, FAKE_LAUNCHER)
     venv = tmp_path / "fakevenv"
     (venv / "bin").mkdir(parents=True)
@@ -86,18 +108,23 @@ def _clean_env() -> dict:
     """The environment without any SLURM or MPI launcher variables."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "SRUN_", "PMI_", "PMIX_", "OMPI_", "HYDRA_"))
-            and k not in ("LAUNCHER", "ARGS", "CONFIG", "RUN_DIR", "VENV", "DRY_RUN")}
+            and k not in ("LAUNCHER", "ARGS", "CONFIG", "RUN_DIR", "VENV", "DRY_RUN",
+                          "MAX_RESTARTS")}
 
 
-def run_script(script, args, fakes, workdir, **env):
-    """Run a job script with bash as SLURM would (SLURM_* from ``env``)."""
+def _script_env(fakes, workdir, env) -> dict:
     full = _clean_env()
     full.update(PATH=f"{fakes['bin']}{os.pathsep}{os.environ['PATH']}",
                 FAKE_RECORD=str(fakes["record"]), SLURM_SUBMIT_DIR=str(workdir),
                 VENV=str(Path(sys.prefix)))
     full.update({k: str(v) for k, v in env.items()})
+    return full
+
+
+def run_script(script, args, fakes, workdir, **env):
+    """Run a job script with bash as SLURM would (SLURM_* from ``env``)."""
     return subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
-                          timeout=120, cwd=workdir, env=full)
+                          timeout=120, cwd=workdir, env=_script_env(fakes, workdir, env))
 
 
 def split_launch(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -128,8 +155,10 @@ def test_train_sbatch_srun(fakes, tmp_path):
                  "--cpus-per-task=3"):
         assert word in launcher
     ns = parse_train(train_args)
-    assert (ns.threads, ns.out, ns.propagator, ns.epochs, ns.levels, ns.data) == \
+    # the job's own run folder, resumed by a requeued job (same id)
+    assert (ns.threads, ns.resume_or_start, ns.propagator, ns.epochs, ns.levels, ns.data) == \
         (3, "runs/tiny-42", "mgrit", 2, 2, "synthetic:64")
+    assert not hasattr(ns, "out") and ns.resume is None
     assert rec["env"]["OMP_NUM_THREADS"] == "3"
     assert rec["env"]["SRUN_CPUS_PER_TASK"] == "3"
 
@@ -139,22 +168,26 @@ def test_train_sbatch_user_options_win(fakes, tmp_path):
                    SLURM_JOB_NAME="x", SLURM_JOB_ID=1, SLURM_CPUS_PER_TASK=4, SLURM_NTASKS=1)
     assert r.returncode == 0, r.stderr
     ns = parse_train(split_launch(_records(fakes)[0]["argv"])[1])
-    assert (ns.threads, ns.out) == (1, "mine")
+    assert (ns.threads, ns.out, ns.resume_or_start) == (1, "mine", None)
 
 
-@pytest.mark.parametrize("how", ["resume", "config_out"])
+@pytest.mark.parametrize("how", ["resume", "resume_or_start", "resume_or_start=", "config_out"])
 def test_train_sbatch_no_default_out(fakes, tmp_path, how):
-    """--resume and a config file's `out` must not be overridden by the job's run folder."""
+    """--resume, --resume-or-start and a config file's `out` must not be
+    overridden by the job's run folder."""
     config = tmp_path / "c.toml"
     config.write_text('out = "from-config"\nepochs = 3\n')
-    if how == "resume":
-        args, env = ["--resume", "runs/old"], {}
-    else:
-        args, env = [], {"CONFIG": str(config)}
+    args, env = {"resume": (["--resume", "runs/old"], {}),
+                 "resume_or_start": (["--resume-or-start", "runs/mine"], {}),
+                 "resume_or_start=": (["--resume-or-start=runs/mine"], {}),
+                 "config_out": ([], {"CONFIG": str(config)})}[how]
     r = run_script(TRAIN, args, fakes, tmp_path, SLURM_JOB_ID=5, **env)
     assert r.returncode == 0, r.stderr
     ns = parse_train(split_launch(_records(fakes)[0]["argv"])[1])
     assert not hasattr(ns, "out")
+    assert (ns.resume, ns.resume_or_start) == {"resume": ("runs/old", None),
+                                               "config_out": (None, None)}.get(
+        how, (None, "runs/mine"))
     if how == "config_out":
         assert ns.config == str(config)
 
@@ -162,7 +195,134 @@ def test_train_sbatch_no_default_out(fakes, tmp_path, how):
 def test_train_sbatch_run_dir_and_exit_code(fakes, tmp_path):
     r = run_script(TRAIN, [], fakes, tmp_path, SLURM_JOB_ID=9, RUN_DIR="runs/here", FAKE_EXIT=3)
     assert r.returncode == 3
-    assert parse_train(split_launch(_records(fakes)[0]["argv"])[1]).out == "runs/here"
+    (rec,) = _records(fakes)            # no scontrol requeue after exit code 3
+    assert parse_train(split_launch(rec["argv"])[1]).resume_or_start == "runs/here"
+    assert r.stdout.rstrip().splitlines()[-1].startswith("== job 9: exit code 3 at ")
+
+
+def test_train_sbatch_header_stop_and_requeue():
+    """The stop signal ahead of the limit goes to the batch shell (B:), the
+    job may be requeued and a requeued job appends to its .out file."""
+    header = [line for line in TRAIN.read_text().splitlines() if line.startswith("#SBATCH ")]
+    for line in ("#SBATCH --signal=B:USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --output=%x-%j.out"):
+        assert line in header
+
+
+@pytest.mark.parametrize("restart,max_restarts,rc,requeued", [
+    (None, None, 75, True),      # first run, default MAX_RESTARTS 10
+    ("9", None, 75, True),
+    ("10", None, 75, False),     # the limit reached
+    ("2", "2", 75, False),
+    (None, "0", 75, False),      # MAX_RESTARTS=0: never
+    (None, None, 0, False),      # done
+    (None, None, 1, False),      # an internal error
+    (None, None, 2, False),      # bad input
+    (None, None, 3, False),      # diverged
+    (None, None, 130, False),    # SIGINT
+])
+def test_train_sbatch_requeues_on_75(fakes, tmp_path, restart, max_restarts, rc, requeued):
+    env = {"SLURM_JOB_ID": 31, "SLURM_JOB_NAME": "rq", "FAKE_EXIT": rc}
+    if restart is not None:
+        env["SLURM_RESTART_COUNT"] = restart
+    if max_restarts is not None:
+        env["MAX_RESTARTS"] = max_restarts
+    r = run_script(TRAIN, [], fakes, tmp_path, **env)
+    assert r.returncode == rc, r.stderr
+    records = _records(fakes)
+    ns = parse_train(split_launch(records[0]["argv"])[1])
+    assert ns.resume_or_start == "runs/rq-31"   # every restart resumes the same folder
+    calls = [rec["argv"][1:] for rec in records if Path(rec["argv"][0]).name == "scontrol"]
+    assert calls == ([["requeue", "31"]] if requeued else [])   # no SIGTERM: no `show job`
+    lines = r.stdout.rstrip().splitlines()
+    assert f"restart {restart or 0} of at most {max_restarts or 10}," in lines[0]
+    n, most = int(restart or 0), int(max_restarts or 10)
+    if requeued:
+        assert lines[-1].endswith(f"; requeued (restart {n + 1} of at most {most})"), lines[-1]
+    elif rc == 75:
+        assert lines[-1].endswith(f"; not requeued (restart {n}, MAX_RESTARTS={most})"), lines[-1]
+    else:
+        assert lines[-1].startswith(f"== job 31: exit code {rc} at "), lines[-1]
+
+
+def test_train_sbatch_requeue_failure_is_reported(fakes, tmp_path):
+    """A failing scontrol requeue (a cancelled job) is one line; the exit code stays 75."""
+    _write_exe(fakes["bin"] / "scontrol", "#!/bin/sh\necho 'scontrol: error: Job is pending "
+               "execution' >&2\nexit 1\n")
+    r = run_script(TRAIN, [], fakes, tmp_path, SLURM_JOB_ID=32, FAKE_EXIT=75)
+    assert r.returncode == 75
+    assert "scontrol requeue failed" in r.stdout.rstrip().splitlines()[-1]
+
+
+def test_train_sbatch_bad_max_restarts(fakes, tmp_path):
+    r = run_script(TRAIN, [], fakes, tmp_path, MAX_RESTARTS="ten")
+    assert r.returncode == 2 and "MAX_RESTARTS" in r.stderr
+    assert _records(fakes) == []
+
+
+@pytest.mark.parametrize("launcher,args,sent,expected,reason", [
+    ("srun", [], "USR2", "SIGUSR2", None),                       # srun forwards it to the ranks
+    ("srun", ["--stop-signal", "HUP"], "USR2", "SIGHUP", None),  # the run's own stop signal
+    ("srun", ["--stop-signal=HUP"], "HUP", "SIGHUP", None),      # sbatch --signal=B:HUP@...
+    ("mpiexec", [], "USR2", "SIGTERM", None),                    # hydra forwards TERM, dies of USR2
+    # SLURM's SIGTERM: it signals the ranks itself, nothing is passed on; a
+    # requeue only at the time limit (not after scancel or SLURM's own requeue)
+    ("srun", [], "TERM", "", "None"),
+    ("mpiexec", [], "TERM", "", "None"),
+    ("srun", [], "TERM", "", "TimeLimit"),
+    ("mpiexec", [], "TERM", "", "TimeLimit"),
+])
+def test_train_sbatch_passes_the_stop_signal_on(fakes, tmp_path, launcher, args, sent, expected,
+                                                reason):
+    """The batch shell gets SLURM's signal (--signal=B:...) and passes the right
+    one on to the launcher, waits for it and requeues on its exit code 75."""
+    env = _script_env(fakes, tmp_path, {"SLURM_JOB_ID": 33, "LAUNCHER": launcher,
+                                        "VENV": fakes["venv"], "FAKE_WAIT": 1,
+                                        "FAKE_SCONTROL_SHOW": f"JobId=33 JobState=COMPLETING "
+                                                              f"Reason={reason}"})
+    proc = subprocess.Popen(["bash", str(TRAIN), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{fakes['record']}.0").exists():   # the launcher is up
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(getattr(signal, "SIG" + sent))
+        if not expected:
+            # nothing reaches the launcher: it is still waiting; end it as SLURM would
+            time.sleep(0.5)
+            assert not Path(f"{fakes['record']}.signal").exists()
+            assert proc.poll() is None
+            launcher_pid = _launcher_pid(proc.pid)
+            os.kill(launcher_pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 75, out + err
+    got = Path(f"{fakes['record']}.signal").read_text()
+    assert got == (expected or "SIGTERM"), out + err
+    lines = out.rstrip().splitlines()
+    if expected:
+        assert f"SIG{sent} at " in out and f"sending {expected} to {launcher}" in out, out
+    else:
+        assert "SIGTERM at " in out and "SLURM signals the ranks itself" in out, out
+    assert lines[-2].startswith("== job 33: exit code 75 at "), out
+    requeues = [rec["argv"][1:] for rec in _records(fakes)[1:] if "requeue" in rec["argv"]]
+    if reason in (None, "TimeLimit"):
+        assert lines[-1].endswith("; requeued (restart 1 of at most 10)"), out
+        assert requeues == [["requeue", "33"]]
+    else:
+        assert "by SLURM's SIGTERM" in lines[-1] and "not requeued" in lines[-1], out
+        assert requeues == []
+
+
+def _launcher_pid(shell_pid: int) -> int:
+    """The pid of the job script's child (the fake launcher)."""
+    children = Path(f"/proc/{shell_pid}/task/{shell_pid}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
 
 
 def test_train_sbatch_mpiexec(fakes, tmp_path):
@@ -303,7 +463,7 @@ def test_generator_small_sweep(fakes, tmp_path, project):
         launcher, train_args = split_launch(rec["argv"])
         assert launcher[1:3] == ["-n", str(ntasks)]  # the sweep's launcher: mpiexec
         ns = parse_train(train_args)
-        assert ns.out == f"runs/t/{script.stem}-11" and ns.threads == 2
+        assert ns.resume_or_start == f"runs/t/{script.stem}-11" and ns.threads == 2
         assert ns.propagator == "mgrit" and ns.epochs == 1 and ns.relax == "FCF,F"
         got.append((ntasks, ns.time_ranks, ns.data, h["--time"]))
     assert sorted(got) == sorted(expected)
@@ -501,7 +661,8 @@ def _slurm_up() -> bool:
     return r.returncode == 0 and "UP" in r.stdout
 
 
-@pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller answers (scontrol ping)")
+@pytest.mark.skipif(not _slurm_up(), reason="no SLURM controller answers (scontrol ping)" + (
+    f"; {os.environ['MGRIT_GRU_CI_SLURM']}" if os.environ.get("MGRIT_GRU_CI_SLURM") else ""))
 def test_real_slurm_job():
     # under the repository (a shared file system on a cluster, unlike /tmp)
     runs = ROOT / "runs"

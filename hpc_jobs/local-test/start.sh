@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM on this machine for testing hpc_jobs/ (a dev aid,
-# not used by CI; needs root and Debian's slurm-wlm: see README.md).
+# and CI's SLURM, .ci/run; needs root and Debian's slurm-wlm: see README.md).
 #   sudo bash hpc_jobs/local-test/start.sh     # then sinfo, sbatch ...
 #   sudo bash hpc_jobs/local-test/stop.sh
 set -euo pipefail
@@ -33,13 +33,27 @@ if [[ ! -s /etc/munge/munge.key ]]; then
     if command -v mungekey >/dev/null; then mungekey --create; else create-munge-key; fi
 fi
 mkdir -p /run/munge && chown munge:munge /run/munge
-pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+rm -f /run/slurm-local/munged.ours
+if ! pgrep -x munged >/dev/null; then
+    runuser -u munge -- /usr/sbin/munged
+    touch /run/slurm-local/munged.ours     # stop.sh ends munged only if we started it
+fi
 
 slurmctld
 slurmd
+up=0
 for _ in $(seq 30); do
-    scontrol ping 2>/dev/null | grep -q UP && break
+    scontrol ping 2>/dev/null | grep -q UP && { up=1; break; }
     sleep 1
 done
+if [[ "$up" != 1 ]]; then
+    echo "start.sh: slurmctld does not answer after 30 s (see /var/log/slurm-local/)" >&2
+    exit 1
+fi
 scontrol update nodename="$host" state=resume 2>/dev/null || true
+# the node registers with the controller shortly after slurmd starts
+for _ in $(seq 30); do
+    sinfo -h -o %t 2>/dev/null | grep -Eq '^(idle|mix|alloc)' && break
+    sleep 1
+done
 sinfo

@@ -13,4 +13,7 @@ stop() {  # stop NAME PIDFILE
 }
 stop slurmd /run/slurm-local/slurmd.pid
 stop slurmctld /run/slurm-local/slurmctld.pid
-stop munged /run/munge/munged.pid
+if [[ -e /run/slurm-local/munged.ours ]]; then
+    stop munged /run/munge/munged.pid
+    rm -f /run/slurm-local/munged.ours
+fi
