@@ -200,9 +200,33 @@ _NON_NEGATIVE = {"exact_last_epochs", "grad_check_every", "checkpoint_batches",
                  "sync_batches"}
 
 
+#: Integers are 64-bit signed, as in TOML (config.toml is written back).
+INT_MAX = 2 ** 63 - 1
+
+#: Upper bounds of options beyond INT_MAX, independent of the machine (the
+#: machine's limits, cores and memory, are checked by
+#: :func:`mgrit_gru.limits.check_resources` once the data are loaded).
+_INT_UPPER = {"threads": 65536, "workers": 65536}
+
+
 def flag(name: str) -> str:
     """The CLI flag of an option: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (one line, whatever the value)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _show_path(path: Path) -> str:
+    text = str(path)
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _check(f: dataclasses.Field, value: Any) -> Any:
@@ -216,11 +240,16 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         raise InputError(f"{where}: a value is required")
     if kind == "bool":
         if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
+            raise InputError(f"{where}: expected true or false, got {_short(value)}")
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, got {value!r}")
+            raise InputError(f"{where}: expected an integer, got {_short(value)}")
+        if abs(value) > INT_MAX:
+            raise InputError(f"{where}: {_short(value)} is out of the 64-bit integer range "
+                             f"(at most {INT_MAX})")
+        if value > _INT_UPPER.get(name, INT_MAX):
+            raise InputError(f"{where}: must be at most {_INT_UPPER[name]}, got {value}")
         if name in _POSITIVE and value < 1:
             raise InputError(f"{where}: must be at least 1, got {value}")
         if name in _NON_NEGATIVE and value < 0:
@@ -232,7 +261,10 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, got {value!r}")
+            raise InputError(f"{where}: expected a number, got {_short(value)}")
+        if isinstance(value, int) and abs(value) > INT_MAX:
+            raise InputError(f"{where}: {_short(value)} is out of range (a 64-bit integer "
+                             "or a float is expected)")
         value = float(value)
         if not math.isfinite(value):
             raise InputError(f"{where}: must be finite, got {value}")
@@ -246,23 +278,32 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not items or not all(
                 isinstance(v, str) for v in items):
             raise InputError(f"{where}: expected F, FCF or a list of them, "
-                             f"got {value!r}")
+                             f"got {_short(value)}")
         items = tuple(v.strip().upper() for v in items)
         bad = [v for v in items if v not in RELAXATIONS]
         if bad:
-            raise InputError(f"{where}: unknown relaxation {bad[0]!r} "
+            raise InputError(f"{where}: unknown relaxation {_short(bad[0])} "
                              f"(choose from {', '.join(RELAXATIONS)})")
         return items[0] if len(items) == 1 else items
     # str
     if not isinstance(value, str) or not value:
-        raise InputError(f"{where}: expected a non-empty string, got {value!r}")
+        raise InputError(f"{where}: expected a non-empty string, got {_short(value)}")
+    if "\0" in value:
+        raise InputError(f"{where}: must not contain a NUL character, got {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: an argument that was not UTF-8
+        raise InputError(f"{where}: not valid UTF-8 text, got {_short(value)}") from None
     if choices is not None and value not in choices:
-        raise InputError(f"{where}: unknown value {value!r} "
+        raise InputError(f"{where}: unknown value {_short(value)} "
                          f"(choose from {', '.join(choices)})")
     return value
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+#: Largest config file read (a flat table of a few dozen options is ~2 kB).
+MAX_CONFIG_BYTES = 1_000_000
 
 
 def load_config(toml_path: str | Path) -> dict[str, Any]:
@@ -273,24 +314,40 @@ def load_config(toml_path: str | Path) -> dict[str, Any]:
     :class:`TrainConfig` is built).
     """
     path = Path(toml_path)
+    where = f"config file {_show_path(path)}"
     try:
         with open(path, "rb") as fh:
-            table = tomllib.load(fh)
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise InputError(f"config file {path}: not found") from None
+        raise InputError(f"{where}: not found") from None
     except OSError as e:
-        raise InputError(f"config file {path}: cannot read ({e.strerror})") from None
+        raise InputError(f"{where}: cannot read ({e.strerror or e})") from None
+    except ValueError:  # a NUL byte in the path
+        raise InputError(f"{where}: not a valid path") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InputError(f"{where}: larger than {MAX_CONFIG_BYTES // 1000} kB; is it a config file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); TOML files are UTF-8") from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise InputError(f"config file {path}: invalid TOML ({e})") from None
+        raise InputError(f"{where}: invalid TOML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise InputError(f"{where}: invalid TOML (arrays or tables nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise InputError(f"{where}: invalid TOML ({str(e).splitlines()[0][:200]})") from None
     unknown = sorted(set(table) - set(OPTION_NAMES))
     if unknown:
-        raise InputError(f"config file {path}: unknown key {unknown[0]!r} "
+        raise InputError(f"{where}: unknown key {_short(unknown[0])} "
                          f"(see docs/usage.md for the options)")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     try:
         return {name: _check(fields[name], value) for name, value in table.items()}
     except InputError as e:
-        raise InputError(f"config file {path}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
 
 
 def make_config(*sources: Mapping[str, Any]) -> TrainConfig:

@@ -23,6 +23,7 @@ with one line naming the file (or option) and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -34,7 +35,9 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
+from mgrit_gru import limits
 from mgrit_gru.errors import InputError
+from mgrit_gru.limits import MAX_CLASSES, MAX_SYNTHETIC_LENGTH
 
 __all__ = [
     "DEFAULT_DATASET",
@@ -151,11 +154,46 @@ def _check_lengths(p: str, lengths: np.ndarray, t: int) -> np.ndarray:
     """Integer lengths in 1..t, returned as int64."""
     if not np.issubdtype(lengths.dtype, np.integer) or lengths.dtype == np.bool_:
         raise InputError(f"{p}/lengths must be integers, got dtype {lengths.dtype}")
-    lengths = lengths.astype(np.int64, copy=False)
-    lo, hi = int(lengths.min()), int(lengths.max())
+    lo, hi = int(lengths.min()), int(lengths.max())  # before the cast: uint64 may not fit
     if lo < 1 or hi > t:
         raise InputError(f"{p}/lengths must lie in 1..{t} (T), got range {lo}..{hi}")
-    return lengths
+    return lengths.astype(np.int64, copy=False)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_values(p: str, x: np.ndarray) -> np.ndarray:
+    """Finite values that fit float32, returned as float32 (no overflow warning)."""
+    if x.dtype.kind == "f":
+        finite = np.isfinite(x)
+        if not finite.all():
+            bad = int(np.argwhere(~finite)[0, 0])
+            raise InputError(f"{p}/x contains NaN or Inf (first in sample {bad})")
+        del finite
+        if x.dtype.itemsize > 4 and x.size:
+            hi, lo = float(x.max()), float(x.min())
+            if max(hi, -lo) > _FLOAT32_MAX:
+                value = hi if hi > -lo else lo
+                bad = int(np.argwhere(np.abs(x) > _FLOAT32_MAX)[0, 0])
+                raise InputError(f"{p}/x has the value {value:.6g} (first in sample {bad}), "
+                                 f"beyond the float32 range (|x| <= {_FLOAT32_MAX:.4g}): it "
+                                 f"would overflow to Inf")
+    return x.astype(np.float32, copy=False)
+
+
+def _check_label_values(p: str, y: np.ndarray) -> int:
+    """Integer labels in 0..MAX_CLASSES-1 (checked before any cast); the largest."""
+    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        raise InputError(f"{p}/y must hold integer class labels, got dtype {y.dtype}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise InputError(f"{p}/y has a negative label ({lo}); labels must be 0..C-1")
+    if hi >= MAX_CLASSES:
+        raise InputError(f"{p}/y has the label {hi}: at most {MAX_CLASSES} classes are "
+                         f"supported (labels 0..{MAX_CLASSES - 1}; the evaluation keeps a "
+                         f"classes x classes confusion matrix)")
+    return hi
 
 
 def _check_split(where: str, split_name: str, x: np.ndarray, y: np.ndarray,
@@ -170,18 +208,11 @@ def _check_split(where: str, split_name: str, x: np.ndarray, y: np.ndarray,
     y = np.asarray(y)
     lengths = None if lengths is None else np.asarray(lengths)
     _check_shapes(p, x.shape, y.shape, None if lengths is None else lengths.shape)
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+    if x.dtype.kind not in "fiu":
         raise InputError(f"{p}/x must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float32, copy=False)
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = int(np.argwhere(~finite)[0, 0])
-        raise InputError(f"{p}/x contains NaN or Inf (first in sample {bad})")
-    if not np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-        raise InputError(f"{p}/y must hold integer class labels, got dtype {y.dtype}")
+    x = _check_values(p, x)
+    _check_label_values(p, y)
     y = y.astype(np.int64, copy=False)
-    if y.min() < 0:
-        raise InputError(f"{p}/y has a negative label ({int(y.min())}); labels must be 0..C-1")
     if lengths is not None:
         t = x.shape[1]
         lengths = _check_lengths(p, lengths, t)
@@ -195,8 +226,7 @@ def _check_split(where: str, split_name: str, x: np.ndarray, y: np.ndarray,
     return x, y, lengths
 
 
-def _check_labels(where: str, split_name: str, y: np.ndarray, num_classes: int) -> None:
-    top = int(y.max())
+def _check_labels(where: str, split_name: str, top: int, num_classes: int) -> None:
     if top >= num_classes:
         raise InputError(f"{where}: /{split_name}/y has label {top}, out of range 0..{num_classes - 1} "
                          f"(num_classes={num_classes})")
@@ -204,14 +234,37 @@ def _check_labels(where: str, split_name: str, y: np.ndarray, num_classes: int) 
 
 def _check_num_classes(where: str, value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{where}: num_classes must be an integer, got {value!r}")
+        raise InputError(f"{where}: num_classes must be an integer, got {_short_repr(value)}")
     if value < 2:
         raise InputError(f"{where}: num_classes must be >= 2, got {int(value)}")
+    if value > MAX_CLASSES:
+        raise InputError(f"{where}: num_classes {int(value)} is more than the {MAX_CLASSES} "
+                         f"classes supported")
     return int(value)
 
 
-def _check_pair(where: str, train: Split, test: Split, num_classes: int | None) -> tuple[Split, Split, int]:
-    """Validate both splits against each other; infer num_classes if None."""
+def _check_declared_classes(where: str, num_classes: int, top_label: int) -> None:
+    """A given ``num_classes`` may leave classes without samples, but at most as
+    many as there are labels: ``num_classes <= 2 (largest label + 1)``."""
+    if num_classes > 2 * (top_label + 1):
+        raise InputError(f"{where}: num_classes {num_classes} is far above the largest label "
+                         f"{top_label} (at most 2 x (largest label + 1) = {2 * (top_label + 1)} "
+                         f"classes; fix or drop the num_classes attribute)")
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_pair(where: str, train: Split, test: Split, num_classes: int | None,
+                top_labels: Mapping[str, int] | None = None) -> tuple[Split, Split, int]:
+    """Validate both splits against each other; infer num_classes if None.
+
+    ``top_labels`` holds the largest label of each split of the whole file
+    (the splits may be a prefix of it: the classes are the file's); the
+    largest labels of the splits when None.
+    """
     checked = {}
     for split_name, s in zip(_SPLITS, (train, test)):
         checked[split_name] = Split(*_check_split(where, split_name, s.x, s.y, s.lengths))
@@ -219,11 +272,17 @@ def _check_pair(where: str, train: Split, test: Split, num_classes: int | None) 
     if tr.input_size != te.input_size:
         raise InputError(f"{where}: train and test feature dims differ "
                          f"({tr.input_size} vs {te.input_size})")
+    tops = {"train": int(tr.y.max()), "test": int(te.y.max())}
+    if top_labels is not None:
+        tops = {k: max(v, int(top_labels.get(k, v))) for k, v in tops.items()}
+    top = max(tops.values())
     if num_classes is None:
-        num_classes = max(int(tr.y.max()), int(te.y.max())) + 1
+        num_classes = top + 1
+    elif isinstance(num_classes, (int, np.integer)) and not isinstance(num_classes, (bool, np.bool_)):
+        _check_declared_classes(where, int(num_classes), top)
     num_classes = _check_num_classes(where, num_classes)
-    _check_labels(where, "train", tr.y, num_classes)
-    _check_labels(where, "test", te.y, num_classes)
+    for split_name in _SPLITS:
+        _check_labels(where, split_name, tops[split_name], num_classes)
     return tr, te, num_classes
 
 
@@ -231,7 +290,7 @@ def _check_limit(option: str, value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{option}: must be a positive integer, got {value!r}")
+        raise InputError(f"{option}: must be a positive integer, got {_short_repr(value)}")
     return int(value)
 
 
@@ -245,15 +304,77 @@ def builtin_datasets() -> dict[str, Path]:
     return {p.stem: p for p in sorted(_DATASETS_DIR.glob("*.h5"))}
 
 
+def _show(text: str, limit: int = 300) -> str:
+    """``text`` for a one-line message: as is when printable, else its repr;
+    cut to ``limit`` characters."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    lines = str(text).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+#: What h5py raises for a damaged or unusual file (besides our InputError).
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, SystemError,
+              AttributeError, IndexError, OverflowError, MemoryError)
+
+
+class _NotUTF8(ValueError):
+    """A string h5py decoded with surrogate escapes (bytes that are not UTF-8)."""
+
+
+@contextlib.contextmanager
+def _guard(where: str, what: str) -> Iterator[None]:
+    """h5py errors while reading ``what`` -> one-line InputError naming the file."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (UnicodeDecodeError, _NotUTF8):
+        raise InputError(f"{where}: {what} is not valid UTF-8 text") from None
+    except MemoryError:
+        raise InputError(f"{where}: not enough memory to read {what}") from None
+    except _H5_ERRORS as exc:
+        raise InputError(f"{where}: cannot read {what} ({_first_line(exc)}); "
+                         "is the file damaged?") from None
+
+
 def _attr_value(v: Any) -> Any:
-    """An HDF5 attribute as a plain Python value (str, int, float, bool, list)."""
+    """An HDF5 attribute as a plain Python value (str, int, float, bool, list, None)."""
     if isinstance(v, bytes):
         return v.decode("utf-8")
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _NotUTF8(v) from None
+        return v
+    if isinstance(v, h5py.Empty):
+        return None
     if isinstance(v, np.ndarray):
-        return v.tolist()
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_attr_value(e) for e in v]
     if isinstance(v, np.generic):
-        return v.item()
+        return _attr_value(v.item())
     return v
+
+
+def _read_attrs(f: h5py.File, where: str) -> dict[str, Any]:
+    """The root attributes; InputError for one that cannot be read or decoded."""
+    with _guard(where, "a root attribute name"):
+        names = list(f.attrs.keys())
+    attrs = {}
+    for key in names:
+        with _guard(where, "a root attribute name"):
+            _attr_value(key)
+        with _guard(where, f"the root attribute {key!r}"):
+            attrs[key] = _attr_value(f.attrs[key])
+    return attrs
 
 
 def _attr_for_hdf5(value: Any) -> Any:
@@ -266,50 +387,150 @@ def _attr_for_hdf5(value: Any) -> Any:
     return value
 
 
+def _exists(path: Path, test: str = "exists") -> bool:
+    """``path.exists()`` / ``is_file()``; InputError for a path the OS rejects."""
+    try:
+        return bool(getattr(path, test)())
+    except ValueError:  # a NUL byte
+        return False
+    except OSError as exc:
+        raise InputError(f"{_show(str(path))}: cannot access ({exc.strerror or exc})") from None
+
+
 def _resolve(path_or_name: str | os.PathLike) -> Path:
     """The file behind a path or a built-in name; InputError when neither exists."""
     path = Path(path_or_name)
-    if path.is_file():
+    if _exists(path, "is_file"):
         return path
     text = str(path_or_name)
     builtins = builtin_datasets()
     if text in builtins:
         return builtins[text]
-    if path.exists():
-        raise InputError(f"{text}: not a regular file")
+    if text == "default" and DEFAULT_DATASET in builtins:  # as TrainConfig.data
+        return builtins[DEFAULT_DATASET]
+    shown = _show(text)
+    if _exists(path):
+        raise InputError(f"{shown}: not a regular file")
     looks_like_path = path.suffix != "" or os.sep in text or "/" in text
     if looks_like_path:
-        raise InputError(f"{text}: no such file")
+        raise InputError(f"{shown}: no such file")
     available = ", ".join([*builtins, "synthetic:LEN"])
-    raise InputError(f"{text}: no such file and not a built-in data set (available: {available})")
+    raise InputError(f"{shown}: no such file and not a built-in data set (available: {available})")
 
 
-def _read_split(f: h5py.File, where: str, split_name: str, max_n: int | None,
-                max_len: int | None) -> Split:
-    if split_name not in f or not isinstance(f[split_name], h5py.Group):
-        raise InputError(f"{where}: missing group /{split_name}")
-    g = f[split_name]
-    for key in ("x", "y"):
-        if key not in g or not isinstance(g[key], h5py.Dataset):
-            raise InputError(f"{where}: missing dataset /{split_name}/{key}")
-    has_len = "lengths" in g
-    if has_len and not isinstance(g["lengths"], h5py.Dataset):
-        raise InputError(f"{where}: /{split_name}/lengths is not a dataset")
-    dx, dy = g["x"], g["y"]
-    dl = g["lengths"] if has_len else None
-    p = f"{where}: /{split_name}"
-    # Metadata checks first: truncation must not hide a problem in the file.
-    _check_shapes(p, dx.shape, dy.shape, None if dl is None else dl.shape)
-    rows = slice(0, max_n)
+def _member(f: h5py.File, where: str, path: str) -> Any:
+    """The object at ``path`` (``/train/x``), None when there is no such link.
+
+    A soft link to nothing or an external link to a missing file is an
+    InputError that says so (not a KeyError).
+    """
+    parent, _, key = path.rpartition("/")
+    group = f[parent] if parent else f
+    name = key.encode()
+    with _guard(where, path):
+        if not group.id.links.exists(name):
+            return None
+        kind = group.id.links.get_info(name).type
     try:
-        x = dx[rows] if max_len is None else dx[rows, :max_len]
-        y = dy[rows]
-        lengths = None if dl is None else dl[rows]
-    except (OSError, TypeError, ValueError) as exc:
-        raise InputError(f"{p}: cannot read ({exc})".splitlines()[0]) from None
+        return group[key]
+    except InputError:
+        raise
+    except _H5_ERRORS as exc:
+        with _guard(where, path):
+            target = group.id.links.get_val(name)
+        if kind == h5py.h5l.TYPE_SOFT:
+            raise InputError(f"{where}: {path} is a soft link to {_show(os.fsdecode(target))}, "
+                             "which does not exist") from None
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            file, obj = (os.fsdecode(t) for t in target)
+            raise InputError(f"{where}: {path} is an external link to {_show(obj)} in "
+                             f"{_show(file)}, which cannot be opened ({_first_line(exc)})") from None
+        raise InputError(f"{where}: cannot open {path} ({_first_line(exc)}); "
+                         "is the file damaged?") from None
+
+
+class _SplitMeta(NamedTuple):
+    """A split's datasets in a file, checked on their metadata only."""
+
+    x: h5py.Dataset
+    y: h5py.Dataset
+    lengths: h5py.Dataset | None
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+
+def _split_meta(f: h5py.File, where: str, split_name: str) -> _SplitMeta:
+    """Structure, shapes and dtypes of a split (nothing read but metadata)."""
+    group = _member(f, where, f"/{split_name}")
+    if not isinstance(group, h5py.Group):
+        raise InputError(f"{where}: missing group /{split_name}")
+    p = f"{where}: /{split_name}"
+    found: dict[str, Any] = {}
+    for key in ("x", "y", "lengths"):
+        obj = _member(f, where, f"/{split_name}/{key}")
+        if obj is None and key == "lengths":
+            found[key] = None
+            continue
+        if not isinstance(obj, h5py.Dataset):
+            if key == "lengths":
+                raise InputError(f"{where}: /{split_name}/lengths is not a dataset")
+            raise InputError(f"{where}: missing dataset /{split_name}/{key}")
+        with _guard(where, f"/{split_name}/{key}"):
+            shape, dtype = obj.shape, obj.dtype
+        if shape is None:
+            raise InputError(f"{p}/{key} has a null dataspace (no shape and no data)")
+        found[key] = (obj, tuple(int(n) for n in shape), dtype)
+    dx, dy, dl = found["x"], found["y"], found["lengths"]
+    _check_shapes(p, dx[1], dy[1], None if dl is None else dl[1])
+    if dx[2].kind not in "fiu":
+        raise InputError(f"{p}/x must be numeric, got dtype {dx[2]}")
+    if dy[2].kind not in "iu":
+        raise InputError(f"{p}/y must hold integer class labels, got dtype {dy[2]}")
+    if dl is not None and dl[2].kind not in "iu":
+        raise InputError(f"{p}/lengths must be integers, got dtype {dl[2]}")
+    return _SplitMeta(dx[0], dy[0], None if dl is None else dl[0], dx[1], dx[2])
+
+
+def _read_bytes(meta: _SplitMeta, max_n: int | None, max_len: int | None) -> int:
+    """Peak bytes of reading a split: the kept part of x (as stored, as float32,
+    the finiteness and padding masks), all of y (its label range counts)."""
+    n, t, d = meta.shape
+    rows, steps = min(n, max_n or n), min(t, max_len or t)
+    x = rows * steps * d * (meta.dtype.itemsize + 4 + 2)
+    return x + n * (meta.y.dtype.itemsize + 8) + rows * 16
+
+
+def _read_split(where: str, split_name: str, meta: _SplitMeta, max_n: int | None,
+                max_len: int | None) -> tuple[Split, int]:
+    """The kept part of a split and the largest label of the whole split."""
+    p = f"{where}: /{split_name}"
+    with _guard(where, f"/{split_name}/y"):
+        y_all = meta.y[()]
+    top = _check_label_values(p, y_all)
+    rows = slice(0, max_n)
+    with _guard(where, f"/{split_name}/x"):
+        x = meta.x[rows] if max_len is None else meta.x[rows, :max_len]
+    with _guard(where, f"/{split_name}/lengths"):
+        lengths = None if meta.lengths is None else meta.lengths[rows]
+    y = y_all[rows]
     if lengths is not None and max_len is not None:
-        lengths = np.minimum(_check_lengths(p, lengths, dx.shape[1]), x.shape[1])
-    return Split(*_check_split(where, split_name, x, y, lengths))
+        lengths = np.minimum(_check_lengths(p, lengths, meta.shape[1]), x.shape[1])
+    return Split(*_check_split(where, split_name, x, y, lengths)), top
+
+
+def _parse_synthetic(text: str, max_len: int | None) -> int:
+    """LEN of ``synthetic:LEN`` (capped by ``max_len``)."""
+    spec = text.partition(":")[2]
+    digits = spec.lstrip("0")
+    if not (spec.isascii() and spec.isdigit()) or not digits:
+        raise InputError(f"{_show(text)}: expected synthetic:LEN with a positive integer LEN")
+    length = int(digits) if len(digits) <= 40 else 10 ** 40
+    if max_len is not None:
+        length = min(length, max_len)
+    if length > MAX_SYNTHETIC_LENGTH:
+        raise InputError(f"{_show(text)}: LEN {length} is more than the {MAX_SYNTHETIC_LENGTH} "
+                         "steps supported (use a smaller LEN or --max-len)")
+    return length
 
 
 def load_dataset(path_or_name: str | os.PathLike, *, max_train: int | None = None,
@@ -320,33 +541,43 @@ def load_dataset(path_or_name: str | os.PathLike, *, max_train: int | None = Non
     scripts shuffle, so a prefix is a random subset); ``max_len`` keeps the
     first ``max_len`` steps (lengths are clipped accordingly; for
     ``synthetic:LEN`` it caps the generated length instead).  Only the kept
-    part is read from disk.  Raises :class:`InputError` for every bad input.
+    part of ``x`` is read from disk (all of ``y``: the classes are the
+    file's), after its declared size was checked against the available
+    memory.  Raises :class:`InputError` for every bad input.
     """
     max_train = _check_limit("max_train", max_train)
     max_test = _check_limit("max_test", max_test)
     max_len = _check_limit("max_len", max_len)
     text = str(path_or_name)
-    if text.startswith("synthetic:") and not Path(text).exists():
-        spec = text.partition(":")[2]
-        if not spec.isdigit() or int(spec) < 1:
-            raise InputError(f"{text}: expected synthetic:LEN with a positive integer LEN")
-        length = int(spec) if max_len is None else min(int(spec), max_len)
+    if text.startswith("synthetic:") and not _exists(Path(text)):
+        length = _parse_synthetic(text, max_len)
         return make_synthetic(length, max_train or SYNTHETIC_N_TRAIN, max_test or SYNTHETIC_N_TEST)
 
     path = _resolve(path_or_name)
-    where = str(path_or_name)
-    if not h5py.is_hdf5(path):
+    where = _show(str(path_or_name))
+    with _guard(where, "the file"):
+        is_hdf5 = h5py.is_hdf5(path)
+    if not is_hdf5:
         raise InputError(f"{where}: not an HDF5 file")
     try:
         f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{where}: cannot open as HDF5 ({exc})".splitlines()[0]) from None
+    except _H5_ERRORS as exc:
+        raise InputError(f"{where}: cannot open as HDF5 ({_first_line(exc)})") from None
+    limits_ = {"train": max_train, "test": max_test}
     with f:
-        train = _read_split(f, where, "train", max_train, max_len)
-        test = _read_split(f, where, "test", max_test, max_len)
-        attrs = {k: _attr_value(v) for k, v in f.attrs.items()}
+        # Metadata checks first: truncation must not hide a problem in the file,
+        # and a declared size beyond the memory is an error before any read.
+        metas = {s: _split_meta(f, where, s) for s in _SPLITS}
+        need = sum(_read_bytes(metas[s], limits_[s], max_len) for s in _SPLITS)
+        shapes = " and ".join(f"/{s}/x {metas[s].shape} {metas[s].dtype}" for s in _SPLITS)
+        limits.check_read(where, f"reading {shapes}", need,
+                          "use --max-train, --max-test or --max-len, or a smaller file")
+        read = {s: _read_split(where, s, metas[s], limits_[s], max_len) for s in _SPLITS}
+        attrs = _read_attrs(f, where)
+    (train, top_train), (test, top_test) = read["train"], read["test"]
     nc = attrs.get("num_classes")
-    train, test, num_classes = _check_pair(where, train, test, nc)
+    train, test, num_classes = _check_pair(where, train, test, nc,
+                                           {"train": top_train, "test": top_test})
     attrs["num_classes"] = num_classes
     name = str(attrs.get("name") or path.stem)
     attrs["name"] = name
@@ -379,7 +610,9 @@ def write_dataset(path: str | os.PathLike, train: Split, test: Split, *, name: s
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
+        # The HDF5 1.8 file format: its object headers carry checksums, so a
+        # damaged file fails to read instead of crashing HDF5 (docs/data.md).
+        with h5py.File(tmp, "w", libver=("v108", "v108")) as f:
             for split_name, s in zip(_SPLITS, (train, test)):
                 g = f.create_group(split_name)
                 chunk_rows = max(1, min(len(s), (1 << 20) // (4 * s.seq_len * s.input_size)))
@@ -535,6 +768,15 @@ def make_synthetic(length: int, n_train: int, n_test: int, *, num_classes: int =
     if length < _MIN_SEGMENT * num_events:
         raise InputError(f"{where}: length must be >= {_MIN_SEGMENT * num_events} "
                          f"for {num_classes} classes ({num_events} pulses), got {length}")
+    if length > MAX_SYNTHETIC_LENGTH:
+        raise InputError(f"{where}: length {length} is more than the {MAX_SYNTHETIC_LENGTH} "
+                         "steps supported")
+    # peak: both splits as float32, the float64 noise and masks of the larger one
+    values = length * input_size
+    need = (n_train + n_test) * values * 4 + max(n_train, n_test) * (values * 9 + length)
+    limits.check_read(where, f"generating {n_train} + {n_test} sequences of {length} x "
+                      f"{input_size} values", need,
+                      "use a smaller LEN, --max-len, --max-train or --max-test")
     ss_train, ss_test = np.random.SeedSequence(seed).spawn(2)
     train = _synthetic_split(length, n_train, num_classes, input_size, variable_length, ss_train)
     test = _synthetic_split(length, n_test, num_classes, input_size, variable_length, ss_test)
