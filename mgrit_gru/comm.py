@@ -135,6 +135,17 @@ class Comm:
             return [obj]
         return self._c.allgather(obj)
 
+    def node_size(self) -> int:
+        """Ranks of this communicator on this rank's node (shared memory);
+        collective. 1 for the serial stand-in."""
+        if self._c is None or self.size == 1:
+            return 1
+        node = self._c.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return int(node.Get_size())
+        finally:
+            node.Free()
+
     def barrier(self) -> None:
         if self._c is not None:
             self._c.Barrier()

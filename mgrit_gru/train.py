@@ -61,6 +61,7 @@ from mgrit_gru.comm import Comm
 from mgrit_gru.config import TrainConfig, flag
 from mgrit_gru.data import DEFAULT_DATASET, Dataset, Split, batch_indices, load_dataset
 from mgrit_gru.errors import Diverged, InputError, Stopped
+from mgrit_gru.limits import check_resources
 from mgrit_gru.runfolder import RunFolder, claim_run_name, load_checkpoint, strict_json
 from mgrit_gru.signals import StopSignals
 from mgrit_gru.strategies import make_strategy
@@ -629,6 +630,8 @@ def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
     data_name = DEFAULT_DATASET if config.data == "default" else config.data
     dataset: Dataset = load_dataset(data_name, max_train=config.max_train,
                                     max_test=config.max_test, max_len=config.max_len)
+    # memory and cores against the options, before anything big is allocated
+    check_resources(config, dataset, comm.node_size())
     dtype = getattr(torch, config.dtype)
     train_data = _TensorSplit(dataset.train, dtype)
     test_data = _TensorSplit(dataset.test, dtype)
