@@ -113,10 +113,10 @@ def signal_trials(n: int, trials: int, root: Path) -> dict:
         late = 0
         for retry in range(4):
             result = _one_trial(n, root / f"p{n}-t{trial}-{retry}", truth, delay)
-            if not (result["stops"] and result["stops"][0]["exit_code"] == 0):
+            if result["stops"] and result["stops"][0]["exit_code"] != 0:
                 break
-            # the signal came after the last batch: the run completed (exit 0,
-            # bit-exact) and this is no stop; try again earlier
+            # the run completed before the signal was sent, or the signal came
+            # after the last batch (exit 0, bit-exact): no stop; try again earlier
             late += 1
             delay *= 0.8
         result["trial"], result["late_signals"] = trial, late

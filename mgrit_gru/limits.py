@@ -136,17 +136,10 @@ def usable_cores() -> int:
 
 
 def ranks_per_node(comm: Any) -> int:
-    """Ranks of ``comm`` (a :class:`mgrit_gru.comm.Comm`) on this rank's node."""
-    mpi = getattr(comm, "mpi", None)
-    if mpi is None:
-        return 1
-    from mpi4py import MPI
-
-    node = mpi.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return int(node.Get_size())
-    finally:
-        node.Free()
+    """Ranks of ``comm`` (a :class:`mgrit_gru.comm.Comm`) on this rank's node
+    (collective; 1 for a serial communicator)."""
+    node_size = getattr(comm, "node_size", None)
+    return 1 if node_size is None else int(node_size())
 
 
 def format_bytes(n: float) -> str:

@@ -625,13 +625,13 @@ def train(config: TrainConfig, comm: Comm | None = None, *, resume: bool = False
 
 def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
            resume: bool) -> dict:
-    torch.set_num_threads(config.threads)
     time_comm, data_comm = comm.split_grid(config.time_ranks)
     data_name = DEFAULT_DATASET if config.data == "default" else config.data
     dataset: Dataset = load_dataset(data_name, max_train=config.max_train,
                                     max_test=config.max_test, max_len=config.max_len)
     # memory and cores against the options, before anything big is allocated
     check_resources(config, dataset, comm.node_size())
+    torch.set_num_threads(config.threads)
     dtype = getattr(torch, config.dtype)
     train_data = _TensorSplit(dataset.train, dtype)
     test_data = _TensorSplit(dataset.test, dtype)
