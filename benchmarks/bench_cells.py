@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from mgrit_gru.cells import make_cell
-from mgrit_gru.model import SerialPropagator
+from mgrit_gru.models.cells import make_cell
+from mgrit_gru.models import SerialPropagator
 
 TORCH_CELLS = {"implicit-gru": torch.nn.GRUCell, "gru": torch.nn.GRUCell,
                "lstm": torch.nn.LSTMCell, "rnn": torch.nn.RNNCell}

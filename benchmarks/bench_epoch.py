@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mgrit_gru.data import DEFAULT_DATASET, load_dataset
-from mgrit_gru.model import SequenceClassifier
+from mgrit_gru.models import SequenceClassifier
 
 
 def _busy():

@@ -42,9 +42,9 @@ def worker(args) -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
-    from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
-    from mgrit_gru.comm import Comm
-    from mgrit_gru.model import SequenceClassifier, SerialPropagator
+    from mgrit_gru.models import MGRITOptions, MGRITPropagator
+    from mgrit_gru.core.comm import Comm
+    from mgrit_gru.models import SequenceClassifier, SerialPropagator
 
     comm = Comm.world()
     torch.manual_seed(0)

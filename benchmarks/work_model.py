@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
-from mgrit_gru.model import SequenceClassifier, SerialPropagator
+from mgrit_gru.models import MGRITOptions, MGRITPropagator
+from mgrit_gru.models import SequenceClassifier, SerialPropagator
 
 
 def main(argv=None):

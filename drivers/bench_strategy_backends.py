@@ -29,11 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mgrit_gru.comm import Comm  # noqa: E402
-from mgrit_gru.config import make_config  # noqa: E402
+from mgrit_gru.core.comm import Comm  # noqa: E402
+from mgrit_gru.training.config import make_config  # noqa: E402
 from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
-from mgrit_gru.strategies import make_strategy  # noqa: E402
-from mgrit_gru.train import _Stepper, _TensorSplit, build_model, make_optimizer  # noqa: E402
+from mgrit_gru.training.strategies import make_strategy  # noqa: E402
+from mgrit_gru.training.loop import _Stepper, _TensorSplit, build_model, make_optimizer  # noqa: E402
 
 
 def _cpu_seconds(pid: int) -> float:

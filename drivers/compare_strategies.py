@@ -44,12 +44,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mgrit_gru.comm import Comm  # noqa: E402
-from mgrit_gru.config import make_config  # noqa: E402
+from mgrit_gru.core.comm import Comm  # noqa: E402
+from mgrit_gru.training.config import make_config  # noqa: E402
 from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
 from mgrit_gru.errors import InputError  # noqa: E402
-from mgrit_gru.strategies import make_strategy  # noqa: E402
-from mgrit_gru.train import (EVAL_BATCH, _Stepper, _TensorSplit, build_model,  # noqa: E402
+from mgrit_gru.training.strategies import make_strategy  # noqa: E402
+from mgrit_gru.training.loop import (EVAL_BATCH, _Stepper, _TensorSplit, build_model,  # noqa: E402
                              evaluate, make_optimizer)
 
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "implicit-gru": "implicit GRU"}

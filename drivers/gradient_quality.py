@@ -21,11 +21,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
-from mgrit_gru.config import make_config
+from mgrit_gru.models import MGRITOptions, MGRITPropagator
+from mgrit_gru.training.config import make_config
 from mgrit_gru.data import DEFAULT_DATASET, load_dataset
-from mgrit_gru.model import SerialPropagator
-from mgrit_gru.train import _TensorSplit, build_model
+from mgrit_gru.models import SerialPropagator
+from mgrit_gru.training.loop import _TensorSplit, build_model
 
 OLD = dict(relax=("F", "FCF"))
 NEW = dict(nested=True, relax="FCF")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from mgrit_gru.runfolder import CHECKPOINT, read_checkpoint
+from mgrit_gru.training.runfolder import CHECKPOINT, read_checkpoint
 
 BIN = Path(sys.executable).parent
 OPTIONS = ["--data", "synthetic:64", "--max-train", "512", "--max-test", "64",

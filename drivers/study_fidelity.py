@@ -115,7 +115,7 @@ RANKS = 2
 #: overrides); the synthetic sets measure cost and residuals, one seed.
 MAIN = ("serial", "old-defaults", "new-defaults")
 DATASETS: dict[str, dict] = {
-    "default":         {"data": "default", "info": "mgrit_gru/datasets/FreezerRegularTrain.h5",
+    "default":         {"data": "default", "info": "mgrit_gru/data/bundled/FreezerRegularTrain.h5",
                         "epochs": 20, "settings": None, "seeds": (0, 1, 2)},  # 150 / 1000, T 301
     "synthetic-1024":  {"synthetic": 1024, "n_train": 512, "n_test": 256, "epochs": 12,
                         "settings": MAIN, "seeds": (0, 1, 2)},

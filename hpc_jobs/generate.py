@@ -54,7 +54,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from mgrit_gru.config import OPTION_NAMES, TrainConfig, flag, make_config
+from mgrit_gru.training.config import OPTION_NAMES, TrainConfig, flag, make_config
 from mgrit_gru.errors import InputError
 
 #: A comment line in the header of every generated file (marks the files

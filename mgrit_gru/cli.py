@@ -1,11 +1,11 @@
 """The command line: ``mgrit-gru train|datasets|info`` (also ``python -m mgrit_gru``).
 
-Every :class:`~mgrit_gru.config.TrainConfig` option is a ``train`` flag
+Every :class:`~mgrit_gru.training.config.TrainConfig` option is a ``train`` flag
 (``batch_size`` -> ``--batch-size``), built from the dataclass fields so that
 the two never drift apart. Options merge as defaults < ``--config FILE.toml``
 < flags. Bad input ends with ``mgrit-gru: error: <message>`` on stderr and
 exit code 2, without a traceback; under MPI any exception on any rank ends
-the whole job (:func:`~mgrit_gru.comm.abort_on_exception`).
+the whole job (:func:`~mgrit_gru.core.comm.abort_on_exception`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from mgrit_gru.config import TrainConfig, flag, load_config, make_config
+from mgrit_gru.training.config import TrainConfig, flag, load_config, make_config
 from mgrit_gru.errors import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED, Diverged,
                               InputError, Stopped)
 
@@ -136,7 +136,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args)
-    from mgrit_gru.signals import StopSignals
+    from mgrit_gru.training.signals import StopSignals
 
     # The stop signals are caught from here to the end of the process: one
     # that arrives while torch and MPI start is acted on at the first
@@ -147,8 +147,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _train_command(args: argparse.Namespace, config: TrainConfig, stop) -> int:
     # Imported here: torch and MPI start only for commands that need them.
-    from mgrit_gru.comm import Comm, abort_on_exception
-    from mgrit_gru.train import train
+    from mgrit_gru.core.comm import Comm, abort_on_exception
+    from mgrit_gru.training.loop import train
 
     comm = Comm.world()
     try:

@@ -14,7 +14,7 @@ kernel's OOM killer) minutes into a run. This module holds the estimates:
   part (parameters with their gradients and optimizer state, the sweep buffers
   of training and evaluation, the float64 copy of the data, the confusion
   matrix, the warm-start store);
-* :func:`check_resources` -- the check :func:`mgrit_gru.train.train` makes
+* :func:`check_resources` -- the check :func:`mgrit_gru.training.loop.train` makes
   right after loading the data set.
 
 The data reader (:mod:`mgrit_gru.data`) checks the declared shapes of a file
@@ -57,11 +57,11 @@ MAX_SYNTHETIC_LENGTH = 10_000_000
 #: many times the usable cores.
 CORES_FACTOR = 4
 
-#: Gates and state size / hidden size of each cell (``mgrit_gru.cells``;
+#: Gates and state size / hidden size of each cell (``mgrit_gru.models.cells``;
 #: tests/test_bad_inputs.py compares the two).
 CELL_SHAPES = {"implicit-gru": (3, 1), "gru": (3, 1), "lstm": (4, 2), "rnn": (1, 1)}
 
-#: Smallest evaluation batch (``mgrit_gru.train.EVAL_BATCH``).
+#: Smallest evaluation batch (``mgrit_gru.training.loop.EVAL_BATCH``).
 _EVAL_BATCH = 256
 
 _MEMINFO = Path("/proc/meminfo")
@@ -136,7 +136,7 @@ def usable_cores() -> int:
 
 
 def ranks_per_node(comm: Any) -> int:
-    """Ranks of ``comm`` (a :class:`mgrit_gru.comm.Comm`) on this rank's node
+    """Ranks of ``comm`` (a :class:`mgrit_gru.core.comm.Comm`) on this rank's node
     (collective; 1 for a serial communicator)."""
     node_size = getattr(comm, "node_size", None)
     return 1 if node_size is None else int(node_size())
@@ -253,7 +253,7 @@ _PART_OPTIONS = {
 def check_resources(config: Any, dataset: Any, ranks_per_node: int) -> None:
     """Raise :class:`InputError` unless the run fits this node.
 
-    ``config`` is the run's (resolved) :class:`~mgrit_gru.config.TrainConfig`,
+    ``config`` is the run's (resolved) :class:`~mgrit_gru.training.config.TrainConfig`,
     ``dataset`` the loaded :class:`~mgrit_gru.data.Dataset` and
     ``ranks_per_node`` the ranks of the job on this node (they share its
     memory and cores; see :func:`ranks_per_node`). Checks:

@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from mgrit_gru import cells, cli, limits
-from mgrit_gru import train as train_module
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import INT_MAX, load_config, make_config
+from mgrit_gru import cli, limits
+from mgrit_gru.models import cells
+from mgrit_gru.training import loop as train_module
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import INT_MAX, load_config, make_config
 from mgrit_gru.data import Split, load_dataset, make_synthetic, write_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.train import build_model
+from mgrit_gru.training.loop import build_model
 
 
 # --------------------------------------------------------------------------- #

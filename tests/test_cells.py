@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mgrit_gru.cells import CELLS, ImplicitGRUCell, make_cell, select_lin
+from mgrit_gru.models.cells import CELLS, ImplicitGRUCell, make_cell, select_lin
 from mgrit_gru.errors import InputError
 
 TORCH_CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mgrit_gru.cli import main
-from mgrit_gru.config import OPTION_NAMES, TrainConfig, make_config
+from mgrit_gru.training.config import OPTION_NAMES, TrainConfig, make_config
 from mgrit_gru.data import Split, write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_every_option_has_a_flag():
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/usage.md"])
 def test_docs_list_every_option(doc):
-    from mgrit_gru.config import flag
+    from mgrit_gru.training.config import flag
 
     text = (ROOT / doc).read_text()
     missing = [name for name in OPTION_NAMES if f"`{flag(name)}`" not in text]

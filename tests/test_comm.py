@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mgrit_gru.comm import Comm, abort_on_exception
+from mgrit_gru.core.comm import Comm, abort_on_exception
 from mgrit_gru.errors import InputError
 
 
@@ -70,7 +70,7 @@ def test_split_grid_layout():
 
 SCRIPT = textwrap.dedent("""
     import time, torch
-    from mgrit_gru.comm import Comm, abort_on_exception
+    from mgrit_gru.core.comm import Comm, abort_on_exception
     c = Comm.world()
     with abort_on_exception(c):
         if c.rank == 1:

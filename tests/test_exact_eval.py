@@ -1,5 +1,5 @@
 """Exact evaluation of MGRIT-trained models, solver statistics, the serial last
-epochs and the gradient check of the training loop (mgrit_gru.train)."""
+epochs and the gradient check of the training loop (mgrit_gru.training.loop)."""
 
 import dataclasses
 import json
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mgrit_gru.cli import main
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import make_config
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import make_config
 from mgrit_gru.data import load_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.model import SerialPropagator
-from mgrit_gru import train as train_module
-from mgrit_gru.train import EPOCH_STATS, TEST_METRICS, build_model, train
+from mgrit_gru.models import SerialPropagator
+from mgrit_gru.training import loop as train_module
+from mgrit_gru.training.loop import EPOCH_STATS, TEST_METRICS, build_model, train
 
 DATA = dict(data="synthetic:64", max_train=64, max_test=48)
 #: MGRIT solves converged to round-off (float64)

@@ -47,11 +47,11 @@ from hypothesis import strategies as st
 
 from mgrit_gru import limits
 from mgrit_gru.cli import _train_config, build_parser
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import OPTION_NAMES, TrainConfig, flag, load_config, make_config
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import OPTION_NAMES, TrainConfig, flag, load_config, make_config
 from mgrit_gru.data import load_dataset
 from mgrit_gru.errors import Diverged, InputError
-from mgrit_gru.train import build_model, train
+from mgrit_gru.training.loop import build_model, train
 
 #: Cases per generator (1,800 in all; about a minute on 2 busy cores).
 N_READER, N_CONFIG, N_FLAGS = 800, 500, 500

@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.grid import Partition, block_ranges, make_hierarchy
+from mgrit_gru.core.grid import Partition, block_ranges, make_hierarchy
 
 NS = [1, 2, 3, 4, 5, 7, 16, 37, 64, 100, 127, 128, 129]
 MS = [2, 3, 4, 5]

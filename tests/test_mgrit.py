@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from mgrit_gru.comm import Comm
+from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
-from mgrit_gru.mgrit import MGRIT, MGRITSettings
-from mgrit_gru.stepper import DahlquistStepper
+from mgrit_gru.core.solver import MGRIT, MGRITSettings
+from mgrit_gru.core.stepper import DahlquistStepper
 
 U0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from mgrit_gru.comm import Comm
-from mgrit_gru.mgrit import MGRIT, MGRITSettings
-from mgrit_gru.stepper import DahlquistStepper
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.core.solver import MGRIT, MGRITSettings
+from mgrit_gru.core.stepper import DahlquistStepper
 
 LAM, DT = -1.5, 0.1
 

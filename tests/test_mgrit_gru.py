@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
-from mgrit_gru.comm import Comm
+from mgrit_gru.models import MGRITOptions, MGRITPropagator
+from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
-from mgrit_gru.model import AutogradPropagator, SequenceClassifier
+from mgrit_gru.models import AutogradPropagator, SequenceClassifier
 
 D, H, C, B = 3, 8, 4, 5
 TIGHT = MGRITOptions(levels=3, cfactor=4, fwd_iters=60, bwd_iters=60, fwd_tol=1e-13, bwd_tol=1e-13)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from mgrit_gru.cells import CELLS, ImplicitGRUCell, make_cell
+from mgrit_gru.models.cells import CELLS, ImplicitGRUCell, make_cell
 from mgrit_gru.errors import InputError
-from mgrit_gru.model import AutogradPropagator, SequenceClassifier, SerialPropagator, _flush_is_on
+from mgrit_gru.models import AutogradPropagator, SequenceClassifier, SerialPropagator, flush_is_on
 
 F64 = torch.float64
 LENGTHS = torch.tensor([9, 4, 1, 7, 9])
@@ -163,7 +163,7 @@ def test_flush_mode_is_restored(initially):
     try:
         cell = ImplicitGRUCell(2, 3)
         SerialPropagator().features(cell, torch.randn(2, 4, 2)).sum().backward()
-        assert _flush_is_on() == initially
+        assert flush_is_on() == initially
     finally:
         torch.set_flush_denormal(False)
 

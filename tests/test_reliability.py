@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-import mgrit_gru.train as train_module
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import make_config
+import mgrit_gru.training.loop as train_module
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import make_config
 from mgrit_gru.data import Split, write_dataset
 from mgrit_gru.errors import Diverged, InputError, Stopped
-from mgrit_gru.runfolder import (CHECKPOINT, PREVIOUS, RunFolder, claim_run_name,
+from mgrit_gru.training.runfolder import (CHECKPOINT, PREVIOUS, RunFolder, claim_run_name,
                                  content_digest, read_checkpoint, strict_json)
-from mgrit_gru.signals import StopSignals
-from mgrit_gru.train import check_replicas, train
+from mgrit_gru.training.signals import StopSignals
+from mgrit_gru.training.loop import train
+from mgrit_gru.training.metrics import check_replicas
 
 
 def easy_split(rng, n, length=12):

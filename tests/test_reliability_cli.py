@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mgrit_gru.errors import EXIT_DIVERGED, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_STOPPED
-from mgrit_gru.runfolder import CHECKPOINT, read_checkpoint
+from mgrit_gru.training.runfolder import CHECKPOINT, read_checkpoint
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"

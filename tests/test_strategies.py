@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import make_config
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import make_config
 from mgrit_gru.data import Dataset, Split, batch_indices, write_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.strategies import STRATEGIES, make_strategy
-from mgrit_gru.train import _Stepper, _TensorSplit, build_model, make_optimizer, train
+from mgrit_gru.training.strategies import STRATEGIES, make_strategy
+from mgrit_gru.training.loop import _Stepper, _TensorSplit, build_model, make_optimizer, train
 
 CELLS = ("implicit-gru", "gru", "lstm", "rnn")
 PARALLEL = ("mutex", "averaging", "hogwild")
@@ -343,7 +343,7 @@ def test_train_with_averaging(toy_file, tmp_path):
 # MPI: data groups and time ranks
 # --------------------------------------------------------------------------- #
 def checksums_agree(model, world):
-    from mgrit_gru.train import param_checksum
+    from mgrit_gru.training.metrics import param_checksum
 
     gathered = world.allgather_object(param_checksum(model))
     return all(g == gathered[0] for g in gathered)

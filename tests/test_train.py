@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import make_config
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import make_config
 from mgrit_gru.data import Split, load_dataset, write_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.train import (build_model, check_replicas, classification_metrics,
-                             confusion_matrix, train)
+from mgrit_gru.training.loop import build_model, train
+from mgrit_gru.training.metrics import check_replicas, classification_metrics, confusion_matrix
 
 # --------------------------------------------------------------------------- #
 # helpers

@@ -66,7 +66,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from mgrit_gru.comm import Comm
+from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
 
 BACKENDS = ("process", "thread")

@@ -4,12 +4,12 @@ The time points of a batch (``0..N``, ``N`` = the longest sequence of the
 batch) are split over the ranks of a *time communicator*; each rank owns a
 contiguous chunk and holds the hidden states of its chunk only.
 
-* forward: :class:`GRUForwardStepper` (nonlinear; level ``l`` takes steps of
+* forward: :class:`CellForwardStepper` (nonlinear; level ``l`` takes steps of
   ``dt = m**l`` and uses the input at each interval's end point), solved by
   FAS MGRIT from the zero initial guess;
 * features: the pooled hidden states (last step of each sequence, or the mean
   over its steps) from the ranks that own them, one allreduce;
-* backward: :class:`GRUAdjointStepper` solves the discrete adjoint
+* backward: :class:`CellAdjointStepper` solves the discrete adjoint
   ``lam_t = J_{t+1}^T lam_{t+1} + dL/dh_t`` in reversed time with the same
   solver: a *linear* stepper whose level-``l`` step is the vector-Jacobian
   product of the level-``l`` forward step, evaluated at the forward states;
@@ -31,6 +31,7 @@ initial guess of that sequence's solves in the next epoch.  A batch shorter
 than the number of time ranks is computed by the serial recurrence on every
 rank (``last_stats["serial_fallback"]``).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,15 +41,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mgrit_gru.cells import RecurrentCell, select_lin
-from mgrit_gru.comm import Comm
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolveInfo
 from mgrit_gru.errors import InputError
-from mgrit_gru.mgrit import MGRIT, MGRITSettings, SolveInfo
-from mgrit_gru.model import (SerialPropagator, _bound, _check_inputs, _flushing_denormals,
-                             _mean_weights, _param_names)
+from mgrit_gru.models.cells import RecurrentCell
+from mgrit_gru.models.common import (bound_params, check_inputs, flushing_denormals, mean_weights, param_names)
+from mgrit_gru.models.serial import SerialPropagator
+from mgrit_gru.models.steppers import CellAdjointStepper, CellForwardStepper, Inputs
 
-__all__ = ["GRUAdjointStepper", "GRUForwardStepper", "MGRITOptions", "MGRITPropagator",
-           "WarmStarts"]
+__all__ = ["MGRITOptions", "MGRITPropagator", "WarmStarts"]
 
 COARSE_INPUTS = ("end", "mean")
 
@@ -100,47 +101,6 @@ class MGRITOptions:
 
 def _relax_value(relax) -> str | tuple[str, ...]:
     return relax if isinstance(relax, str) else tuple(relax)
-
-
-class Inputs:
-    """Input projections of the steps of a rank's chunk.
-
-    ``xw[i]`` is the projection of input ``first + i``.  The fine step to point
-    ``t`` reads input ``t - 1``; a coarse step over ``k`` intervals to point
-    ``t`` reads input ``t - 1`` (``"end"``: the interval's end point) or the
-    mean of the projections of inputs ``t - k .. t - 1`` (``"mean"``, from a
-    float64 running sum: one subtraction per coarse step).
-    """
-
-    def __init__(self, xw: Tensor, first: int, mode: str = "end"):
-        self.xw, self.first, self.mode = xw, first, mode
-        self._cum = None
-        self._level: dict[int, tuple[int, Tensor]] = {}
-        if mode == "mean":
-            cum = torch.zeros((xw.shape[0] + 1, *xw.shape[1:]), dtype=torch.float64)
-            torch.cumsum(xw, 0, dtype=torch.float64, out=cum[1:])
-            self._cum = cum
-
-    def interval(self, t_to, k: int) -> Tensor:
-        """Projection(s) for the step(s) ``t_to - k -> t_to`` (``t_to``: int or LongTensor)."""
-        if k == 1 or self._cum is None:
-            return self.xw[t_to - 1 - self.first]
-        a = t_to - self.first
-        return ((self._cum[a] - self._cum[a - k]) / k).to(self.xw.dtype)
-
-    def at_multiple(self, t_to: int, k: int) -> Tensor:
-        """:meth:`interval` for ``t_to`` a multiple of ``k``, the means of a level
-        computed once (the forward's coarse steps end at multiples of their stride)."""
-        if k == 1 or self._cum is None:
-            return self.xw[t_to - 1 - self.first]
-        entry = self._level.get(k)
-        if entry is None:
-            j0 = -(-(self.first + k) // k)
-            j1 = (self.first + self.xw.shape[0]) // k
-            ends = torch.arange(j0, max(j1 + 1, j0)) * k
-            entry = self._level[k] = (j0, self.interval(ends, k))
-        j0, means = entry
-        return means[t_to // k - j0]
 
 
 class WarmStarts:
@@ -209,88 +169,6 @@ class WarmStarts:
             self.bytes += size - have
 
 
-class GRUForwardStepper:
-    """Forward steps of a cell on a rank's chunk.
-
-    ``xw[i]`` is the input projection of input ``x[first_input + i]``; the step
-    to fine point ``t`` reads input ``t - 1`` (the interval's end point).
-
-    With ``hw`` (a ``[hi - lo, B, G*H]`` buffer for the rank's points ``lo..hi-1``)
-    every fine step from an owned point writes its hidden projection
-    ``h_t W_hh^T + b_hh`` there: the last sweep of a solve that ends with its
-    final residual has then stepped from every owned point's final state except
-    the last one (whose step belongs to the right neighbour), and the adjoint's
-    linearisation reuses them instead of recomputing the GEMMs.
-    """
-
-    def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int,
-                 hw: Tensor | None = None, lo: int = 0, inputs: Inputs | None = None):
-        self.cell = cell
-        self.xw = xw
-        self.first_input = first_input
-        self.inputs = inputs or Inputs(xw, first_input)
-        self.state_shape = (batch, cell.state_size)
-        self.dtype = xw.dtype
-        self.hw, self.lo = hw, lo
-        self.hw_written = torch.zeros(0 if hw is None else hw.shape[0], dtype=torch.bool)
-
-    def step(self, u, t_from, t_to, level, out):
-        hw_out = None
-        if self.hw is not None and t_to - t_from == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
-            hw_out = self.hw[t_from - self.lo]
-            self.hw_written[t_from - self.lo] = True
-        return self.cell.step(self.inputs.at_multiple(t_to, t_to - t_from), u,
-                              float(t_to - t_from), out=out, hw_out=hw_out)
-
-
-class GRUAdjointStepper:
-    """Adjoint steps in reversed time ``s = N - t``.
-
-    The step from solver point ``s-k`` to ``s`` maps ``lam`` at forward point
-    ``t + k`` to forward point ``t = N - s``: the transposed Jacobian of the
-    forward step ``t -> t + k`` (``dt = k``, input ``t + k - 1``) at the forward
-    state ``h_t``.  The owner of ``t`` computes it.  All linearisations are
-    made once, before the solve, in chunks of ``chunk`` steps (a whole chunk in
-    one call; small chunks keep the temporaries in cache), and reused by every
-    iteration.  ``fine_chunks`` keeps the level-0 chunks ``(t0, t1, lin)``
-    (steps ``t -> t+1``, ``t0 <= t < t1``) for the parameter gradients.
-    """
-
-    def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
-                 xw: Tensor, first_input: int, batch: int, chunk: int = 16,
-                 hw: Tensor | None = None, inputs: Inputs | None = None):
-        inputs = inputs or Inputs(xw, first_input)
-        self.cell = cell
-        self.N = solver.N
-        self.state_shape = (batch, cell.state_size)
-        self.dtype = states.dtype
-        self.lins: list[dict[int, tuple]] = []
-        self.fine_chunks: list[tuple[int, int, tuple]] = []
-        for level in solver.levels:
-            rng = solver.partition.range(level.index, solver.position)
-            k = level.stride
-            # forward start points t of this rank's steps on this level, ascending
-            ts = sorted(self.N - j * k for j in range(max(rng.lo, 1), rng.hi))
-            lins: dict[int, tuple] = {}
-            for c in range(0, len(ts), chunk):
-                tc = ts[c:c + chunk]
-                if k == 1:   # consecutive points: slices, no copies
-                    t0, t1 = tc[0], tc[-1] + 1
-                    lin = cell.linearize(xw[t0 - first_input:t1 - first_input],
-                                         states[t0 - t_lo:t1 - t_lo], 1.0,
-                                         hw=None if hw is None else hw[t0 - t_lo:t1 - t_lo])
-                    self.fine_chunks.append((t0, t1, lin))
-                else:
-                    t = torch.tensor(tc, dtype=torch.long)
-                    lin = cell.linearize(inputs.interval(t + k, k), states[t - t_lo], float(k))
-                for i, t_i in enumerate(tc):
-                    lins[self.N - t_i] = select_lin(lin, i)
-            self.lins.append(lins)
-
-    def step(self, u, s_from, s_to, level, out):
-        return out.copy_(self.cell.vjp_state(self.lins[level][s_to], u))
-
-
 class _MGRITFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, prop, cell, x, lengths, steps, pooling, ids, *params):
@@ -308,7 +186,7 @@ class _MGRITFunction(torch.autograd.Function):
             b = torch.nonzero(mine).flatten()
             feat[b] = h[lengths[b] - lo, b, :H]
         else:
-            w = _mean_weights(lengths, N, h)   # w[t-1]: weight of point t = [t <= len] / len
+            w = mean_weights(lengths, N, h)   # w[t-1]: weight of point t = [t <= len] / len
             # hidden state at point t (t >= 1) is step t's output: weight index t - 1
             wt = torch.zeros(hi - lo, B, 1, dtype=x.dtype)
             pos = t_idx >= 1
@@ -329,7 +207,7 @@ class _MGRITFunction(torch.autograd.Function):
         prop, cell = ctx.prop, ctx.cell
         comm: Comm = prop.comm
         x, *params = ctx.saved_tensors
-        names = _param_names(cell)
+        names = param_names(cell)
         lo, hi, N, first_input = ctx.lo, ctx.hi, ctx.N, ctx.first_input
         h, xw, x_tm, lengths = ctx.h, ctx.xw, ctx.x_tm, ctx.lengths
         B, S, H = h.shape[1], h.shape[2], cell.hidden_size
@@ -341,16 +219,16 @@ class _MGRITFunction(torch.autograd.Function):
             b = torch.nonzero(mine).flatten()
             src[lengths[b] - lo, b, :H] = g_feat[b]
         else:
-            w = _mean_weights(lengths, N, h)
+            w = mean_weights(lengths, N, h)
             t_idx = torch.arange(lo, hi)
             pos = t_idx >= 1
             src[pos, :, :H] = w[t_idx[pos] - 1] * g_feat
         bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
         # the parameters of the forward, whatever the cell holds now; adjoints decay
         # through long sequences: float32 subnormals would make every step slow
-        with torch.no_grad(), _bound(cell, dict(zip(names, params))), \
-                _flushing_denormals(h.dtype == torch.float32):
-            adj = GRUAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw,
+        with torch.no_grad(), bound_params(cell, dict(zip(names, params))), \
+                flushing_denormals(h.dtype == torch.float32):
+            adj = CellAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw,
                                     inputs=ctx.inputs)
             bwd_solver.stepper = adj
             # solver rows run in reversed time: row k is forward point hi-1-k
@@ -522,10 +400,10 @@ class MGRITPropagator:
         inputs = Inputs(xw, first_input, self.options.coarse_input)
         B = x.shape[0]
         hw = torch.empty(hi - lo, B, cell.gates * cell.hidden_size, dtype=x.dtype)
-        stepper = GRUForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
+        stepper = CellForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
         solver.stepper = stepper
         guess, mask = self._guess("fwd", ids, solver, N, (B, cell.state_size), x.dtype)
-        with _flushing_denormals(x.dtype == torch.float32):
+        with flushing_denormals(x.dtype == torch.float32):
             h, info = solver.solve(guess_c=guess, guess_mask=mask)
         self._record("fwd", info)
         self._keep("fwd", ids, solver, N, h)
@@ -554,7 +432,7 @@ class MGRITPropagator:
         return self._solve(cell, x, N)[:7]
 
     def features(self, cell: RecurrentCell, x: Tensor, lengths=None, pooling: str = "last") -> Tensor:
-        lengths, steps = _check_inputs(cell, x, lengths, pooling)
+        lengths, steps = check_inputs(cell, x, lengths, pooling)
         ids, self._ids = self._ids, None
         if ids is not None and len(ids) != x.shape[0]:
             raise InputError(f"set_sample_ids: {len(ids)} ids for a batch of {x.shape[0]}")
@@ -568,7 +446,7 @@ class MGRITPropagator:
                                    bwd_residual=0.0, fwd_steps=P * steps, bwd_steps=P * steps,
                                    serial_fallback=1.0)
             return self._serial.features(cell, x, lengths, pooling)
-        params = [getattr(cell, name) for name in _param_names(cell)]
+        params = [getattr(cell, name) for name in param_names(cell)]
         return _MGRITFunction.apply(self, cell, x, lengths, steps, pooling, ids, *params)
 
     def __getstate__(self) -> dict:

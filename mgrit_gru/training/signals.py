@@ -11,7 +11,7 @@ writes a checkpoint and ends with exit code 75 (:data:`~mgrit_gru.errors.EXIT_ST
 SIGUSR1 is not offered: MPICH's ``MPI_Init`` installs its own handler for it
 (hydra uses it for fault notification), so a user's SIGUSR1 would silently be
 swallowed. SIGINT (Ctrl-C) is not a stop signal: it ends the run at once with
-one line and exit code 130 (see :func:`mgrit_gru.comm.abort_on_exception`).
+one line and exit code 130 (see :func:`mgrit_gru.core.comm.abort_on_exception`).
 
 A second stop signal while the first is being handled is ignored (the
 checkpoint is already on its way); SLURM's SIGKILL after ``KillWait`` remains

@@ -1,7 +1,7 @@
 """One FAS MGRIT solver, written once for one and for many ranks.
 
 Solves ``u_0 = u0, u_i = Phi(u_{i-1}) + g_i`` (``i = 1..N``) for a
-:class:`~mgrit_gru.stepper.TimeStepper` whose ``Phi`` may be nonlinear,
+:class:`~mgrit_gru.core.stepper.TimeStepper` whose ``Phi`` may be nonlinear,
 with the full approximation scheme (FAS) on a hierarchy of time grids
 (``grid.py``), each rank owning a contiguous block of time points.
 
@@ -49,9 +49,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from mgrit_gru.comm import Comm
+from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
-from mgrit_gru.grid import Level, LevelRange, Partition, block_ranges, make_hierarchy
+from mgrit_gru.core.grid import Level, LevelRange, Partition, block_ranges, make_hierarchy
 
 
 @dataclass(frozen=True)

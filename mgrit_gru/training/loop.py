@@ -21,7 +21,7 @@ serially, ``grad_check_every`` compares the MGRIT gradient of a probe batch
 with the exact one (:func:`gradient_check`).
 
 Rank 0 prints one summary line per epoch and writes the run folder
-(:mod:`mgrit_gru.runfolder`: config, log, strict-JSON metrics, the last two
+(:mod:`mgrit_gru.training.runfolder`: config, log, strict-JSON metrics, the last two
 checkpoints with digests, a lock). The layout of ``metrics.json`` is
 documented in docs/usage.md.
 
@@ -29,7 +29,7 @@ An epoch runs in segments between *synchronisation points* (after every
 batch with the sequential strategy, every ``16 x workers`` batches with the
 others: ``sync_batches``). At each point the ranks agree, in one small
 allreduce, on three things: a stop signal received by any rank
-(:class:`~mgrit_gru.signals.StopSignals`: checkpoint, then
+(:class:`~mgrit_gru.training.signals.StopSignals`: checkpoint, then
 :class:`~mgrit_gru.errors.Stopped`), a timed checkpoint due on rank 0, and a
 non-finite loss, gradient, MGRIT residual or parameter on any rank
 (:class:`~mgrit_gru.errors.Diverged`, or a skipped batch). A checkpoint
@@ -41,30 +41,27 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import platform
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import tomli_w
 from tqdm import tqdm
 
 import mgrit_gru
-from mgrit_gru.comm import Comm
-from mgrit_gru.config import TrainConfig, flag
+from mgrit_gru.core.comm import Comm
+from mgrit_gru.training.config import TrainConfig, flag
 from mgrit_gru.data import DEFAULT_DATASET, Dataset, Split, batch_indices, load_dataset
 from mgrit_gru.errors import Diverged, InputError, Stopped
 from mgrit_gru.limits import check_resources
-from mgrit_gru.runfolder import RunFolder, claim_run_name, load_checkpoint, strict_json
-from mgrit_gru.signals import StopSignals
-from mgrit_gru.strategies import make_strategy
+from mgrit_gru.training.metrics import (check_replicas, classification_metrics, finite_params)
+from mgrit_gru.training.runfolder import RunFolder, claim_run_name, load_checkpoint, strict_json
+from mgrit_gru.training.signals import StopSignals
+from mgrit_gru.training.strategies import make_strategy
 
 #: Smallest minibatch of the evaluation (no gradients are kept, and larger
 #: batches amortise the per-step overhead of the recurrence).
@@ -88,67 +85,6 @@ TEST_METRICS = ("test_loss", "test_accuracy", "test_precision", "test_recall", "
 
 # --------------------------------------------------------------------------- #
 # metrics
-# --------------------------------------------------------------------------- #
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """``C[i, j]`` = number of samples of class ``i`` predicted as class ``j``."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
-def classification_metrics(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro (unweighted per-class mean) precision, recall and F1.
-
-    Precision of class ``i`` is ``tp / (tp + fp)``, recall ``tp / (tp + fn)``;
-    a class never predicted has precision 0 and a class absent from the labels
-    has recall 0 (both still count in the mean over all classes). F1 is the
-    harmonic mean of the macro precision and the macro recall (the
-    "F-measure" of the data-parallel reference paper), 0 when both are 0.
-    """
-    cm = np.asarray(confusion, dtype=np.float64)
-    tp = np.diag(cm)
-    predicted = cm.sum(axis=0)
-    actual = cm.sum(axis=1)
-    total = cm.sum()
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0).mean()
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0).mean()
-    pr = precision + recall
-    f1 = 2.0 * precision * recall / pr if pr > 0 else 0.0
-    return {"accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-            "precision": float(precision), "recall": float(recall), "f1": float(f1)}
-
-
-def param_checksum(model: torch.nn.Module) -> tuple[float, float]:
-    """Sum and sum of squares of all parameters (in float64)."""
-    with torch.no_grad():
-        s = sum(float(p.double().sum()) for p in model.parameters())
-        sq = sum(float(p.double().square().sum()) for p in model.parameters())
-    return s, sq
-
-
-def check_replicas(model: torch.nn.Module, comm: Comm, where: str = "") -> tuple[float, float]:
-    """Raise ``RuntimeError`` on every rank unless all ranks hold the same
-    parameters (compared through :func:`param_checksum`); return the checksum.
-    Non-finite parameters on any rank raise :class:`Diverged` instead (NaN
-    never equals NaN, but it is no rank mismatch)."""
-    checksum = param_checksum(model)
-    gathered = comm.allgather_object((checksum, _finite_params(model)))
-    nonfinite = [r for r, (_, finite) in enumerate(gathered) if not finite]
-    if nonfinite:
-        raise Diverged(f"non-finite parameters{' ' + where if where else ''} (rank "
-                       f"{nonfinite[0]}); the last checkpoint is untouched")
-    gathered = [c for c, _ in gathered]
-    # (huge finite parameters may overflow the sums to inf: equal infs still compare equal)
-    bad = [r for r, c in enumerate(gathered) if c != gathered[0]]
-    if bad:
-        raise RuntimeError(f"parameters differ across ranks: checksum (sum, sum of squares) "
-                           f"{gathered[bad[0]]} on rank {bad[0]} vs {gathered[0]} on rank 0")
-    return checksum
-
-
-# --------------------------------------------------------------------------- #
-# configuration resolved at run time
 # --------------------------------------------------------------------------- #
 def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
     """Fill in the options left to run time (``out``, ``time_ranks``) and check the options against the communicator.
@@ -186,13 +122,13 @@ def resolve_config(config: TrainConfig, comm: Comm) -> TrainConfig:
 # --------------------------------------------------------------------------- #
 def make_propagator(config: TrainConfig, time_comm: Comm):
     """The propagator named by ``config.propagator``."""
-    from mgrit_gru.model import AutogradPropagator, SerialPropagator
+    from mgrit_gru.models import AutogradPropagator, SerialPropagator
 
     if config.propagator == "serial":
         return SerialPropagator()
     if config.propagator == "autograd":
         return AutogradPropagator()
-    from mgrit_gru.autograd import MGRITOptions, MGRITPropagator
+    from mgrit_gru.models import MGRITOptions, MGRITPropagator
 
     options = MGRITOptions(levels=config.levels, cfactor=config.cfactor,
                            fwd_iters=config.fwd_iters, bwd_iters=config.bwd_iters,
@@ -234,7 +170,7 @@ def _set_sample_ids(model: torch.nn.Module, ids: np.ndarray | None) -> None:
 def build_model(config: TrainConfig, dataset: Dataset, time_comm: Comm | None = None):
     """The run's :class:`SequenceClassifier`, its weights drawn from ``config.seed``
     (the same on every rank)."""
-    from mgrit_gru.model import SequenceClassifier
+    from mgrit_gru.models import SequenceClassifier
 
     torch.manual_seed(config.seed)
     return SequenceClassifier(cell=config.cell, input_size=dataset.input_size,
@@ -304,7 +240,7 @@ class _Stepper:
 
     The gradients and the loss of all data groups travel in one preallocated
     buffer (one allreduce per step). The parts, for strategies with workers
-    (see :mod:`mgrit_gru.strategies`): :attr:`local` (a :class:`_ShardStep`),
+    (see :mod:`mgrit_gru.training.strategies`): :attr:`local` (a :class:`_ShardStep`),
     :meth:`reduce_`, :meth:`record` and :attr:`data_groups`.
     """
 
@@ -460,12 +396,12 @@ def evaluate(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
 def evaluate_exact(model: torch.nn.Module, data: _TensorSplit, num_classes: int,
                    batch_size: int, comm: Comm, exact=None) -> dict[str, float]:
     """:func:`evaluate` with the exact serial recurrence (``exact``, default a
-    new :class:`~mgrit_gru.model.SerialPropagator`) in place of the model's
+    new :class:`~mgrit_gru.models.SerialPropagator`) in place of the model's
     propagator, the split sharded over every rank of ``comm`` (the whole job:
     no rank waits for another, the same total work as the serial loop on one
     time rank per data group) and the counts summed over ``comm``."""
     if exact is None:
-        from mgrit_gru.model import SerialPropagator
+        from mgrit_gru.models import SerialPropagator
         exact = SerialPropagator()
     with _using(model, exact):
         return evaluate(model, data, num_classes, batch_size, comm)
@@ -482,7 +418,7 @@ def gradient_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, len
     """Compare the gradient of the mean cross-entropy of the batch ``(x, y,
     lengths)`` under the model's propagator (cold start: no warm-start ids)
     with the one under the exact serial recurrence ``exact`` (default a new
-    :class:`~mgrit_gru.model.SerialPropagator`).
+    :class:`~mgrit_gru.models.SerialPropagator`).
 
     Returns ``grad_cosine`` (cosine of the angle between the two flattened
     gradients) and ``grad_rel_error`` (``||g - g_exact|| / ||g_exact||``).
@@ -491,7 +427,7 @@ def gradient_check(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, len
     group calls it with the same batch).
     """
     if exact is None:
-        from mgrit_gru.model import SerialPropagator
+        from mgrit_gru.models import SerialPropagator
         exact = SerialPropagator()
     params = list(model.parameters())
     saved = [None if p.grad is None else p.grad.clone() for p in params]
@@ -587,11 +523,6 @@ class _Partial:
         return {k: getattr(self, k) for k in self.FIELDS}
 
 
-def _finite_params(model: torch.nn.Module) -> bool:
-    with torch.no_grad():
-        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 def _check_options(config: TrainConfig) -> None:
     """Cross-option checks of the reliability options."""
     if config.on_divergence == "skip-batch" and config.strategy != "sequential":
@@ -648,7 +579,7 @@ def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
     if mgrit and config.exact_last_epochs and config.strategy != "sequential":
         raise InputError(f"option exact_last_epochs ({flag('exact_last_epochs')}): needs "
                          f"strategy = sequential (the workers keep their own propagators)")
-    from mgrit_gru.model import SerialPropagator
+    from mgrit_gru.models import SerialPropagator
     # the exact serial recurrence: the test metrics, the serial epochs, the gradient check
     exact = model.propagator if config.propagator == "serial" else SerialPropagator()
     train_propagator = model.propagator
@@ -764,7 +695,7 @@ def _train(config: TrainConfig, comm: Comm, run: RunFolder, stop: StopSignals,
                     if bad is None and not math.isfinite(loss):
                         bad = (pos, "loss" if end - pos == 1 else
                                f"loss (batches {pos + 1}-{end})")
-                    if bad is None and not _finite_params(model):
+                    if bad is None and not finite_params(model):
                         bad = (end - 1, "parameters after the update" if end - pos == 1 else
                                f"parameters after the updates of batches {pos + 1}-{end}")
                     partial.loss += loss if math.isfinite(loss) else 0.0

@@ -1,7 +1,7 @@
 """Data-parallel strategies: who computes which minibatch gradient, and when
 the shared model is updated.
 
-The training loop (:mod:`mgrit_gru.train`) owns the data, the model, the
+The training loop (:mod:`mgrit_gru.training.loop`) owns the data, the model, the
 optimizer and MPI; a strategy owns only the order of work inside one rank for
 one epoch. It is constructed once per run, started once (it may start worker
 threads or processes there), asked to run each epoch, and closed at the end::
@@ -50,7 +50,7 @@ which lets them compose with MPI data groups (the calling thread sums each
 update's gradient over the groups) and with MGRIT time ranks (thread
 workers, each with its own time communicator). Hogwild's update order is up
 to the operating system: it runs on one rank only. The workers themselves
-are in :mod:`mgrit_gru.workers`.
+are in :mod:`mgrit_gru.training.workers`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.workers import BACKENDS, WorkerPool, communicates
+from mgrit_gru.training.workers import BACKENDS, WorkerPool, communicates
 
 StepFn = Callable[[torch.nn.Module, Any], float]
 
@@ -356,7 +356,7 @@ class Hogwild(_WithWorkers):
 
 def _require_thread_multiple(name: str) -> None:
     """Thread workers that communicate need MPI_THREAD_MULTIPLE."""
-    from mgrit_gru.comm import MPI
+    from mgrit_gru.core.comm import MPI
 
     if MPI is not None and MPI.Is_initialized() and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         raise InputError(f"option strategy (--strategy): {name} with MGRIT time ranks needs "

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import tomli_w
 
-from mgrit_gru.comm import Comm
+from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
 
 CHECKPOINT = "checkpoint.pt"

@@ -27,7 +27,7 @@ Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
     ``hw = h W_hh^T + b_hh`` so that :meth:`linearize` can skip its matmul.
 ``forward_state(xw_t, s, dt=1.0)``
     the same step written with plain differentiable torch ops (autograd
-    reference, used by :class:`mgrit_gru.model.AutogradPropagator`).
+    reference, used by :class:`mgrit_gru.models.AutogradPropagator`).
 ``linearize(xw, s_prev, dt=1.0, *, hw=None) -> lin``
     coefficient tensors of the step's Jacobian at ``s_prev``; ``hw`` is the
     hidden projection of ``s_prev`` if the caller kept it.

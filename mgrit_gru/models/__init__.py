@@ -1,0 +1,61 @@
+"""Recurrent models: cells with hand-written derivatives, the pooling of hidden
+states into features, the propagators (serial, autograd reference, MGRIT with
+its time steppers) and the sequence classifier.  Uses the parallel-in-time
+core; knows nothing of training or data files.
+"""
+
+__all__ = [
+    "AutogradPropagator",
+    "CELLS",
+    "CellAdjointStepper",
+    "CellForwardStepper",
+    "GRUCell",
+    "ImplicitGRUCell",
+    "LSTMCell",
+    "MGRITOptions",
+    "MGRITPropagator",
+    "POOLINGS",
+    "RNNCell",
+    "RecurrentCell",
+    "SequenceClassifier",
+    "SerialPropagator",
+    "WarmStarts",
+    "flush_is_on",
+    "make_cell",
+    "select_lin",
+]
+
+_EXPORTS = {
+    "CELLS": "cells",
+    "GRUCell": "cells",
+    "ImplicitGRUCell": "cells",
+    "LSTMCell": "cells",
+    "RNNCell": "cells",
+    "RecurrentCell": "cells",
+    "make_cell": "cells",
+    "select_lin": "cells",
+    "POOLINGS": "common",
+    "flush_is_on": "common",
+    "AutogradPropagator": "serial",
+    "SerialPropagator": "serial",
+    "CellAdjointStepper": "steppers",
+    "CellForwardStepper": "steppers",
+    "MGRITOptions": "mgrit_propagator",
+    "MGRITPropagator": "mgrit_propagator",
+    "WarmStarts": "mgrit_propagator",
+    "SequenceClassifier": "classifier",
+}
+
+def __getattr__(name):
+    """Import the sub-module that defines ``name`` on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

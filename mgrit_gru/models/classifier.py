@@ -1,0 +1,59 @@
+"""The sequence classifier: a recurrent cell, a pooling and a linear head."""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor, nn
+
+from mgrit_gru.errors import InputError
+from mgrit_gru.models.cells import RecurrentCell, make_cell
+from mgrit_gru.models.common import POOLINGS
+from mgrit_gru.models.serial import SerialPropagator
+
+__all__ = ["SequenceClassifier"]
+
+
+class SequenceClassifier(nn.Module):
+    """Recurrent cell + pooling + linear head: ``logits = head(features(x))``.
+
+    ``cell`` is a registry name (``mgrit_gru.models.cells.CELLS``) or a cell instance.
+    The propagator can be swapped at any time (``model.propagator = ...``)
+    without touching the parameters.
+    """
+
+    def __init__(self, cell="implicit-gru", input_size: int | None = None,
+                 hidden_size: int | None = None, num_classes: int | None = None,
+                 pooling: str = "last", propagator=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if isinstance(cell, RecurrentCell):
+            for option, value, have in (("input_size", input_size, cell.input_size),
+                                        ("hidden_size", hidden_size, cell.hidden_size)):
+                if value is not None and value != have:
+                    raise InputError(f"{option}: {value} does not match the given cell's {have}")
+            cell = cell.to(dtype)
+        else:
+            for option, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+                if value is None:
+                    raise InputError(f"{option}: required when the cell is given by name")
+            cell = make_cell(cell, input_size, hidden_size, dtype=dtype)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise InputError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        self.cell = cell
+        self.head = nn.Linear(cell.hidden_size, num_classes, dtype=dtype)
+        self.pooling = pooling
+        self.propagator = SerialPropagator() if propagator is None else propagator
+
+    def features(self, x: Tensor, lengths=None) -> Tensor:
+        """Pooled recurrent features ``[B, H]``."""
+        return self.propagator.features(self.cell, x, lengths, self.pooling)
+
+    def forward(self, x: Tensor, lengths=None) -> Tensor:
+        """Logits ``[B, C]`` of the batch ``x [B, T, D]`` (padded past ``lengths``)."""
+        return self.head(self.features(x, lengths))
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}, propagator={self.propagator!r}"

@@ -1,0 +1,138 @@
+"""The time steppers of a recurrent cell for the MGRIT solver: forward steps
+and the adjoint's transposed-Jacobian steps (any cell of ``models.cells``)."""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+from mgrit_gru.core.solver import MGRIT
+from mgrit_gru.models.cells import RecurrentCell, select_lin
+
+__all__ = ["CellAdjointStepper", "CellForwardStepper", "Inputs"]
+
+
+class Inputs:
+    """Input projections of the steps of a rank's chunk.
+
+    ``xw[i]`` is the projection of input ``first + i``.  The fine step to point
+    ``t`` reads input ``t - 1``; a coarse step over ``k`` intervals to point
+    ``t`` reads input ``t - 1`` (``"end"``: the interval's end point) or the
+    mean of the projections of inputs ``t - k .. t - 1`` (``"mean"``, from a
+    float64 running sum: one subtraction per coarse step).
+    """
+
+    def __init__(self, xw: Tensor, first: int, mode: str = "end"):
+        self.xw, self.first, self.mode = xw, first, mode
+        self._cum = None
+        self._level: dict[int, tuple[int, Tensor]] = {}
+        if mode == "mean":
+            cum = torch.zeros((xw.shape[0] + 1, *xw.shape[1:]), dtype=torch.float64)
+            torch.cumsum(xw, 0, dtype=torch.float64, out=cum[1:])
+            self._cum = cum
+
+    def interval(self, t_to, k: int) -> Tensor:
+        """Projection(s) for the step(s) ``t_to - k -> t_to`` (``t_to``: int or LongTensor)."""
+        if k == 1 or self._cum is None:
+            return self.xw[t_to - 1 - self.first]
+        a = t_to - self.first
+        return ((self._cum[a] - self._cum[a - k]) / k).to(self.xw.dtype)
+
+    def at_multiple(self, t_to: int, k: int) -> Tensor:
+        """:meth:`interval` for ``t_to`` a multiple of ``k``, the means of a level
+        computed once (the forward's coarse steps end at multiples of their stride)."""
+        if k == 1 or self._cum is None:
+            return self.xw[t_to - 1 - self.first]
+        entry = self._level.get(k)
+        if entry is None:
+            j0 = -(-(self.first + k) // k)
+            j1 = (self.first + self.xw.shape[0]) // k
+            ends = torch.arange(j0, max(j1 + 1, j0)) * k
+            entry = self._level[k] = (j0, self.interval(ends, k))
+        j0, means = entry
+        return means[t_to // k - j0]
+
+
+class CellForwardStepper:
+    """Forward steps of a cell on a rank's chunk.
+
+    ``xw[i]`` is the input projection of input ``x[first_input + i]``; the step
+    to fine point ``t`` reads input ``t - 1`` (the interval's end point).
+
+    With ``hw`` (a ``[hi - lo, B, G*H]`` buffer for the rank's points ``lo..hi-1``)
+    every fine step from an owned point writes its hidden projection
+    ``h_t W_hh^T + b_hh`` there: the last sweep of a solve that ends with its
+    final residual has then stepped from every owned point's final state except
+    the last one (whose step belongs to the right neighbour), and the adjoint's
+    linearisation reuses them instead of recomputing the GEMMs.
+    """
+
+    def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int,
+                 hw: Tensor | None = None, lo: int = 0, inputs: Inputs | None = None):
+        self.cell = cell
+        self.xw = xw
+        self.first_input = first_input
+        self.inputs = inputs or Inputs(xw, first_input)
+        self.state_shape = (batch, cell.state_size)
+        self.dtype = xw.dtype
+        self.hw, self.lo = hw, lo
+        self.hw_written = torch.zeros(0 if hw is None else hw.shape[0], dtype=torch.bool)
+
+    def step(self, u, t_from, t_to, level, out):
+        hw_out = None
+        if self.hw is not None and t_to - t_from == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
+            hw_out = self.hw[t_from - self.lo]
+            self.hw_written[t_from - self.lo] = True
+        return self.cell.step(self.inputs.at_multiple(t_to, t_to - t_from), u,
+                              float(t_to - t_from), out=out, hw_out=hw_out)
+
+
+class CellAdjointStepper:
+    """Adjoint steps in reversed time ``s = N - t``.
+
+    The step from solver point ``s-k`` to ``s`` maps ``lam`` at forward point
+    ``t + k`` to forward point ``t = N - s``: the transposed Jacobian of the
+    forward step ``t -> t + k`` (``dt = k``, input ``t + k - 1``) at the forward
+    state ``h_t``.  The owner of ``t`` computes it.  All linearisations are
+    made once, before the solve, in chunks of ``chunk`` steps (a whole chunk in
+    one call; small chunks keep the temporaries in cache), and reused by every
+    iteration.  ``fine_chunks`` keeps the level-0 chunks ``(t0, t1, lin)``
+    (steps ``t -> t+1``, ``t0 <= t < t1``) for the parameter gradients.
+    """
+
+    def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
+                 xw: Tensor, first_input: int, batch: int, chunk: int = 16,
+                 hw: Tensor | None = None, inputs: Inputs | None = None):
+        inputs = inputs or Inputs(xw, first_input)
+        self.cell = cell
+        self.N = solver.N
+        self.state_shape = (batch, cell.state_size)
+        self.dtype = states.dtype
+        self.lins: list[dict[int, tuple]] = []
+        self.fine_chunks: list[tuple[int, int, tuple]] = []
+        for level in solver.levels:
+            rng = solver.partition.range(level.index, solver.position)
+            k = level.stride
+            # forward start points t of this rank's steps on this level, ascending
+            ts = sorted(self.N - j * k for j in range(max(rng.lo, 1), rng.hi))
+            lins: dict[int, tuple] = {}
+            for c in range(0, len(ts), chunk):
+                tc = ts[c:c + chunk]
+                if k == 1:   # consecutive points: slices, no copies
+                    t0, t1 = tc[0], tc[-1] + 1
+                    lin = cell.linearize(xw[t0 - first_input:t1 - first_input],
+                                         states[t0 - t_lo:t1 - t_lo], 1.0,
+                                         hw=None if hw is None else hw[t0 - t_lo:t1 - t_lo])
+                    self.fine_chunks.append((t0, t1, lin))
+                else:
+                    t = torch.tensor(tc, dtype=torch.long)
+                    lin = cell.linearize(inputs.interval(t + k, k), states[t - t_lo], float(k))
+                for i, t_i in enumerate(tc):
+                    lins[self.N - t_i] = select_lin(lin, i)
+            self.lins.append(lins)
+
+    def step(self, u, s_from, s_to, level, out):
+        return out.copy_(self.cell.vjp_state(self.lins[level][s_to], u))
+
+
