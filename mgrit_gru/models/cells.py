@@ -162,6 +162,17 @@ class RecurrentCell(nn.Module):
         """Size ``S`` of the state tensor (``H``; LSTM: ``2H``)."""
         return self.state_factor * self.hidden_size
 
+    @property
+    def proj_size(self) -> int:
+        """Size of a hidden projection ``hw`` (``G * H``): the ``hw_out`` buffers."""
+        return self.gates * self.hidden_size
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the parameters, in the order of :meth:`param_grads`' keys."""
+        return ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if self.bias \
+            else ("weight_ih", "weight_hh")
+
     def reset_parameters(self) -> None:
         """Uniform initialisation in ``(-1/sqrt(H), 1/sqrt(H))``, as torch."""
         bound = 1.0 / math.sqrt(self.hidden_size)
@@ -203,11 +214,13 @@ class RecurrentCell(nn.Module):
 
     @_no_autograd
     def param_grads(self, x: Tensor, s_prev: Tensor, g_xw: Tensor,
-                    g_hw: Tensor) -> dict[str, Tensor]:
+                    g_hw: Tensor, lin: Lin | None = None) -> dict[str, Tensor]:
         """Parameter gradients summed over all leading dims.
 
         ``x [..., D]`` is the input and ``s_prev [..., S]`` the state each step
-        started from; ``g_xw``, ``g_hw`` come from :meth:`vjp_proj`. Each weight
+        started from; ``g_xw``, ``g_hw`` come from :meth:`vjp_proj` of ``lin``
+        (the linearisation of the same steps: a single cell does not need it, a
+        stack of cells reads its inner layers' inputs there). Each weight
         gradient is one matmul over the flattened leading dims.
         """
         gx, gh = _flat(g_xw), _flat(g_hw)
@@ -219,6 +232,10 @@ class RecurrentCell(nn.Module):
             grads["bias_ih"] = gx.sum(0)
             grads["bias_hh"] = gh.sum(0)
         return grads
+
+    def input_grad(self, g_xw: Tensor) -> Tensor:
+        """``dL/dx`` from ``g_xw = dL/dxw`` (any leading dims): ``g_xw W_ih``."""
+        return g_xw @ self.weight_ih
 
     @_no_autograd
     def vjp(self, xw_t: Tensor, s: Tensor, g: Tensor, dt: Dt = 1.0):
@@ -524,8 +541,11 @@ CELLS: dict[str, type[RecurrentCell]] = {
 
 
 def make_cell(name: str, input_size: int, hidden_size: int, *, bias: bool = True,
-              dtype: torch.dtype = torch.float32, device=None) -> RecurrentCell:
-    """Build a cell by registry name (``InputError`` for unknown names)."""
+              dtype: torch.dtype = torch.float32, device=None, layers: int = 1) -> RecurrentCell:
+    """Build a cell by registry name (``InputError`` for unknown names); ``layers``
+    stacked cells (each fed the hidden state of the one below) when ``layers > 1``."""
+    if _positive_int(layers, "layers") != 1:
+        raise InputError("layers: stacked cells are not implemented yet")
     try:
         cls = CELLS[name]
     except (KeyError, TypeError):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from mgrit_gru.errors import InputError
 from mgrit_gru.models.cells import RecurrentCell, make_cell
-from mgrit_gru.models.common import POOLINGS
+from mgrit_gru.models.pooling import POOLINGS
 from mgrit_gru.models.serial import SerialPropagator
 
 __all__ = ["SequenceClassifier"]
@@ -24,7 +24,7 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, cell="implicit-gru", input_size: int | None = None,
                  hidden_size: int | None = None, num_classes: int | None = None,
-                 pooling: str = "last", propagator=None,
+                 pooling: str = "last", propagator=None, layers: int = 1,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -39,7 +39,7 @@ class SequenceClassifier(nn.Module):
             for option, value in (("input_size", input_size), ("hidden_size", hidden_size)):
                 if value is None:
                     raise InputError(f"{option}: required when the cell is given by name")
-            cell = make_cell(cell, input_size, hidden_size, dtype=dtype)
+            cell = make_cell(cell, input_size, hidden_size, dtype=dtype, layers=layers)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise InputError(f"num_classes: expected a positive integer, got {num_classes!r}")
         self.cell = cell

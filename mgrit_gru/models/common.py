@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from mgrit_gru.errors import InputError
+from mgrit_gru.models.pooling import POOLINGS, Pooling
 from mgrit_gru.models.cells import RecurrentCell
 
-POOLINGS = ("last", "mean")
 
 
 def check_dt(dt) -> float:
@@ -22,8 +22,15 @@ def check_dt(dt) -> float:
     return float(dt)
 
 
-def check_inputs(cell: RecurrentCell, x: Tensor, lengths, pooling: str) -> tuple[Tensor, int]:
+def as_pooling(pooling: str | Pooling) -> Pooling:
+    """The :class:`Pooling` named by ``pooling`` (a kind or a Pooling)."""
+    return pooling if isinstance(pooling, Pooling) else Pooling(pooling)
+
+
+def check_inputs(cell: RecurrentCell, x: Tensor, lengths, pooling) -> tuple[Tensor, int]:
     """Validate a batch; return the lengths (int64 ``[B]``) and ``max(lengths)``."""
+    if isinstance(pooling, Pooling):
+        pooling = pooling.kind
     if pooling not in POOLINGS:
         raise InputError(f"pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
     if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[2] != cell.input_size:
@@ -49,25 +56,9 @@ def check_inputs(cell: RecurrentCell, x: Tensor, lengths, pooling: str) -> tuple
     return lengths, hi
 
 
-def mean_weights(lengths: Tensor, steps: int, like: Tensor) -> Tensor:
-    """``w[t, b] = [t < lengths[b]] / lengths[b]`` as ``[steps, B, 1]``."""
-    t = torch.arange(steps).unsqueeze(1)
-    w = (t < lengths).to(like.dtype) / lengths.to(like.dtype)
-    return w.unsqueeze(-1).to(like.device)
-
-
-def pool(h_seq: Tensor, lengths: Tensor, pooling: str) -> Tensor:
-    """Features ``[B, H]`` from the hidden states ``h_seq [T, B, H]`` of steps 1..T."""
-    if pooling == "last":
-        batch = torch.arange(h_seq.shape[1], device=h_seq.device)
-        return h_seq[lengths.to(h_seq.device) - 1, batch]
-    w = mean_weights(lengths, h_seq.shape[0], h_seq)
-    return (h_seq * w).sum(0)
-
-
 def param_names(cell: RecurrentCell) -> tuple[str, ...]:
-    return ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if cell.bias \
-        else ("weight_ih", "weight_hh")
+    """The cell's parameter names, in :meth:`RecurrentCell.param_grads` order."""
+    return tuple(cell.param_names)
 
 
 def flush_is_on() -> bool:

@@ -45,7 +45,8 @@ from mgrit_gru.core.comm import Comm
 from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolveInfo
 from mgrit_gru.errors import InputError
 from mgrit_gru.models.cells import RecurrentCell
-from mgrit_gru.models.common import (bound_params, check_inputs, flushing_denormals, mean_weights, param_names)
+from mgrit_gru.models.common import (as_pooling, bound_params, check_inputs, flushing_denormals,
+                                     param_names)
 from mgrit_gru.models.serial import SerialPropagator
 from mgrit_gru.models.steppers import CellAdjointStepper, CellForwardStepper, Inputs
 
@@ -178,20 +179,9 @@ class _MGRITFunction(torch.autograd.Function):
 
         # features: this rank's share, summed over time ranks; the forward's step
         # count rides along in the same allreduce
-        t_idx = torch.arange(lo, hi)
         buf = torch.zeros(B * H + 1, dtype=x.dtype)
         feat = buf[:-1].view(B, H)
-        if pooling == "last":
-            mine = (lengths >= lo) & (lengths < hi)
-            b = torch.nonzero(mine).flatten()
-            feat[b] = h[lengths[b] - lo, b, :H]
-        else:
-            w = mean_weights(lengths, N, h)   # w[t-1]: weight of point t = [t <= len] / len
-            # hidden state at point t (t >= 1) is step t's output: weight index t - 1
-            wt = torch.zeros(hi - lo, B, 1, dtype=x.dtype)
-            pos = t_idx >= 1
-            wt[pos] = w[t_idx[pos] - 1]
-            torch.sum(h[:, :, :H] * wt, 0, out=feat)
+        as_pooling(pooling).features(cell.hidden(h), lengths, lo, out=feat)
         buf[-1] = sum(prop.last_info["fwd"].steps)
         comm.allreduce_(buf)
         prop.last_stats["fwd_steps"] = float(buf[-1])
@@ -210,19 +200,11 @@ class _MGRITFunction(torch.autograd.Function):
         names = param_names(cell)
         lo, hi, N, first_input = ctx.lo, ctx.hi, ctx.N, ctx.first_input
         h, xw, x_tm, lengths = ctx.h, ctx.xw, ctx.x_tm, ctx.lengths
-        B, S, H = h.shape[1], h.shape[2], cell.hidden_size
+        B, S = h.shape[1], h.shape[2]
         g_feat = g_feat.detach()
         # loss gradient w.r.t. the states of this rank's points (the adjoint's sources)
         src = torch.zeros(hi - lo, B, S, dtype=h.dtype)
-        if ctx.pooling == "last":
-            mine = (lengths >= lo) & (lengths < hi)
-            b = torch.nonzero(mine).flatten()
-            src[lengths[b] - lo, b, :H] = g_feat[b]
-        else:
-            w = mean_weights(lengths, N, h)
-            t_idx = torch.arange(lo, hi)
-            pos = t_idx >= 1
-            src[pos, :, :H] = w[t_idx[pos] - 1] * g_feat
+        as_pooling(ctx.pooling).sources(g_feat, lengths, lo, out=cell.hidden(src))
         bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
         # the parameters of the forward, whatever the cell holds now; adjoints decay
         # through long sequences: float32 subnormals would make every step slow
@@ -267,11 +249,11 @@ class _MGRITFunction(torch.autograd.Function):
             for t0, t1, lin in adj.fine_chunks:
                 g_xw, g_hw = cell.vjp_proj(lin, lam_next[t0 - lo:t1 - lo])
                 local = cell.param_grads(x_tm[t0 - first_input:t1 - first_input],
-                                         h[t0 - lo:t1 - lo], g_xw, g_hw)
+                                         h[t0 - lo:t1 - lo], g_xw, g_hw, lin)
                 for name, view in zip(names, views):
                     view += local[name]
                 if g_x is not None:   # the step t -> t+1 reads input t
-                    g_x[:, t0:t1] = (g_xw @ cell.weight_ih).transpose(0, 1)
+                    g_x[:, t0:t1] = cell.input_grad(g_xw).transpose(0, 1)
             flat[-1] = sum(info.steps)
             comm.allreduce_(flat)
             prop.last_stats["bwd_steps"] = float(flat[-1])
@@ -399,7 +381,7 @@ class MGRITPropagator:
         xw = cell.input_projection(x_tm)
         inputs = Inputs(xw, first_input, self.options.coarse_input)
         B = x.shape[0]
-        hw = torch.empty(hi - lo, B, cell.gates * cell.hidden_size, dtype=x.dtype)
+        hw = torch.empty(hi - lo, B, cell.proj_size, dtype=x.dtype)
         stepper = CellForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
         solver.stepper = stepper
         guess, mask = self._guess("fwd", ids, solver, N, (B, cell.state_size), x.dtype)

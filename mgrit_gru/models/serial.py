@@ -24,8 +24,8 @@ from torch import Tensor
 
 from mgrit_gru.errors import InputError
 from mgrit_gru.models.cells import RecurrentCell, select_lin
-from mgrit_gru.models.common import (Workspace, bound_params, check_dt, check_inputs, flushing_denormals, mean_weights,
-    param_names, pool)
+from mgrit_gru.models.common import (Workspace, as_pooling, bound_params, check_dt, check_inputs,
+                                     flushing_denormals, param_names)
 
 __all__ = ["AutogradPropagator", "SerialPropagator"]
 
@@ -48,7 +48,7 @@ class AutogradPropagator:
         for t in range(steps):
             s = cell.forward_state(xw[:, t], s, self.dt)
             hs.append(cell.hidden(s))
-        return pool(torch.stack(hs), lengths, pooling)
+        return as_pooling(pooling).features(torch.stack(hs), lengths, lo=1)
 
     def __repr__(self) -> str:
         return f"AutogradPropagator(dt={self.dt})"
@@ -64,7 +64,7 @@ def _sweep(cell: RecurrentCell, x: Tensor, steps: int, dt: float, work: Workspac
         bufs[role], view = work.take(role, shape, **kw)
         return view
 
-    gh = cell.gates * cell.hidden_size
+    gh = cell.proj_size
     x_tm = take("x", steps, B, cell.input_size)
     x_tm.copy_(x[:, :steps].transpose(0, 1))
     xw = cell.input_projection(x_tm, out=take("xw", steps, B, gh))
@@ -92,7 +92,7 @@ class _SerialFunction(torch.autograd.Function):
         dt, chunk, flush, work = opts
         with flushing_denormals(flush):
             bufs, x_tm, xw, hw, states = _sweep(cell, x, steps, dt, work)
-            features = pool(cell.hidden(states[1:]), lengths, pooling)
+            features = as_pooling(pooling).features(cell.hidden(states[1:]), lengths, lo=1)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, *params)
             ctx.cell, ctx.lengths, ctx.steps, ctx.pooling, ctx.opts = \
@@ -127,11 +127,9 @@ def _serial_backward(ctx, cell, x_tm, xw, hw, states, g_feat, dt, chunk, bufs):
 
     # lam[t] = dL/ds_{t+1}, initialised with the loss source terms.
     bufs["lam"], lam = ctx.opts[3].take("lam", (steps, B, cell.state_size), xw.dtype, xw.device)
-    lam.zero_()
-    if ctx.pooling == "last":
-        lam[lengths.to(xw.device) - 1, torch.arange(B, device=xw.device), :H] = g_feat
-    else:
-        torch.mul(mean_weights(lengths, steps, xw), g_feat, out=lam[..., :H])
+    if H < cell.state_size:
+        lam[..., H:].zero_()
+    as_pooling(ctx.pooling).sources(g_feat, lengths, 1, out=lam[..., :H])
 
     g_x = None
     if ctx.needs_input_grad[1]:
@@ -143,14 +141,14 @@ def _serial_backward(ctx, cell, x_tm, xw, hw, states, g_feat, dt, chunk, bufs):
         for j in range(stop - start - 1, -1 if start > 0 else 0, -1):
             cell.vjp_state(select_lin(lin, j), lam[start + j], acc=lam[start + j - 1])
         g_xw, g_hw = cell.vjp_proj(lin, lam[start:stop])
-        part = cell.param_grads(x_tm[start:stop], states[start:stop], g_xw, g_hw)
+        part = cell.param_grads(x_tm[start:stop], states[start:stop], g_xw, g_hw, lin)
         if grads is None:
             grads = part
         else:
             for name, value in part.items():
                 grads[name].add_(value)
         if g_x is not None:
-            g_x[:, start:stop] = (g_xw @ cell.weight_ih).transpose(0, 1)
+            g_x[:, start:stop] = cell.input_grad(g_xw).transpose(0, 1)
     return grads, g_x
 
 

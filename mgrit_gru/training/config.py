@@ -36,6 +36,7 @@ CELLS = ("implicit-gru", "gru", "lstm", "rnn")
 POOLINGS = ("last", "mean")
 OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda", "auto")
 PROPAGATORS = ("serial", "autograd", "mgrit")
 RELAXATIONS = ("F", "FCF")
 CYCLES = ("V", "F")
@@ -76,11 +77,16 @@ class TrainConfig:
                      "'mgrit-gru datasets') or a path to an HDF5 file")
     cell: str = _opt("implicit-gru", "recurrent cell", choices=CELLS)
     hidden: int = _opt(32, "hidden size")
+    layers: int = _opt(1, "stacked recurrent layers, each fed the hidden states of the "
+                       "one below (as torch.nn.GRU's num_layers)")
     pooling: str = _opt("mean", "features fed to the classifier head: the "
                         "last hidden state or the mean over time",
                         choices=POOLINGS)
     dtype: str = _opt("float32", "floating-point type of the model and data",
                       choices=DTYPES)
+    device: str = _opt("cpu", "where the model and the batches live: cpu, cuda (this "
+                       "rank's GPU, local rank modulo the GPUs of the node) or auto "
+                       "(cuda when torch sees a GPU)", choices=DEVICES)
     max_train: int | None = _opt(None, "use at most this many training "
                                  "sequences", kind="int")
     max_test: int | None = _opt(None, "use at most this many test sequences",
@@ -191,7 +197,7 @@ class TrainConfig:
         return out
 
 
-_POSITIVE = {"hidden", "epochs", "batch_size", "workers", "threads", "levels",
+_POSITIVE = {"hidden", "layers", "epochs", "batch_size", "workers", "threads", "levels",
              "time_ranks", "max_train", "max_test", "max_len", "eval_every",
              "checkpoint_every", "fwd_iters", "bwd_iters"}
 
@@ -206,7 +212,7 @@ INT_MAX = 2 ** 63 - 1
 #: Upper bounds of options beyond INT_MAX, independent of the machine (the
 #: machine's limits, cores and memory, are checked by
 #: :func:`mgrit_gru.limits.check_resources` once the data are loaded).
-_INT_UPPER = {"threads": 65536, "workers": 65536}
+_INT_UPPER = {"threads": 65536, "workers": 65536, "layers": 1024}
 
 
 def flag(name: str) -> str:

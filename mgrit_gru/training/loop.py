@@ -175,7 +175,7 @@ def build_model(config: TrainConfig, dataset: Dataset, time_comm: Comm | None = 
     torch.manual_seed(config.seed)
     return SequenceClassifier(cell=config.cell, input_size=dataset.input_size,
                               hidden_size=config.hidden, num_classes=dataset.num_classes,
-                              pooling=config.pooling,
+                              pooling=config.pooling, layers=config.layers,
                               propagator=make_propagator(config, time_comm or Comm.serial()),
                               dtype=getattr(torch, config.dtype))
 
