@@ -4,6 +4,8 @@ with a reference stepper, and the one FAS MGRIT solver.  It knows no neural
 network: it imports nothing of ``models``, ``training`` or ``data``.
 """
 
+from mgrit_gru._exports import lazy_exports
+
 __all__ = [
     "Comm",
     "DahlquistStepper",
@@ -34,16 +36,4 @@ _EXPORTS = {
     "SolveInfo": "solver",
 }
 
-def __getattr__(name):
-    """Import the sub-module that defines ``name`` on first use (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,6 +4,8 @@ its time steppers) and the sequence classifier.  Uses the parallel-in-time
 core; knows nothing of training or data files.
 """
 
+from mgrit_gru._exports import lazy_exports
+
 __all__ = [
     "AutogradPropagator",
     "CELLS",
@@ -48,16 +50,4 @@ _EXPORTS = {
     "SequenceClassifier": "classifier",
 }
 
-def __getattr__(name):
-    """Import the sub-module that defines ``name`` on first use (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

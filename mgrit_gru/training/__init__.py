@@ -3,6 +3,8 @@ their workers, the run folder with its checkpoints, stop signals and metrics.
 Uses the models, the data and the core.
 """
 
+from mgrit_gru._exports import lazy_exports
+
 __all__ = [
     "RunFolder",
     "STRATEGIES",
@@ -29,16 +31,4 @@ _EXPORTS = {
     "param_checksum": "metrics",
 }
 
-def __getattr__(name):
-    """Import the sub-module that defines ``name`` on first use (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
