@@ -413,3 +413,90 @@ def test_ucr_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("data_prep.ucr: error: NoSuchSet") and "\n" not in err
     assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------- #
+# length bucketing
+# --------------------------------------------------------------------------- #
+def _bucket_lengths(n=1000, seed=3):
+    return np.random.default_rng(seed).integers(5, 400, size=n)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_bucketed_batches_cover_every_sample_once(drop_last):
+    from mgrit_gru.data import batch_indices
+
+    lengths = _bucket_lengths(1003)
+    batches = list(batch_indices(1003, 32, shuffle=True, seed=1, lengths=lengths,
+                                 bucket=True, drop_last=drop_last))
+    seen = np.concatenate(batches)
+    if drop_last:
+        assert all(len(b) == 32 for b in batches) and len(seen) == 1003 - 1003 % 32
+    else:
+        assert sorted(seen.tolist()) == list(range(1003))
+    assert len(set(seen.tolist())) == len(seen)
+
+
+def test_bucketed_batches_have_similar_lengths():
+    """Within-batch length spread (max - min) far below that of random batches."""
+    from mgrit_gru.data import batch_indices
+
+    lengths = _bucket_lengths()
+    spread = {}
+    for bucket in (False, True):
+        batches = batch_indices(1000, 32, shuffle=True, seed=0, lengths=lengths, bucket=bucket)
+        spread[bucket] = np.median([np.ptp(lengths[b]) for b in batches])
+    assert spread[True] < 0.2 * spread[False], spread
+
+
+def test_bucketed_batches_reproducible_and_new_each_epoch():
+    from mgrit_gru.data import batch_indices
+
+    lengths = _bucket_lengths()
+
+    def epochs(seed, k=2):
+        rng = np.random.default_rng(seed)
+        return [[b.tolist() for b in batch_indices(1000, 32, shuffle=True, generator=rng,
+                                                   lengths=lengths, bucket=True)]
+                for _ in range(k)]
+
+    a, b = epochs(7), epochs(7)
+    assert a == b                      # same seed: the same epochs
+    assert a[0] != a[1]                # a new composition every epoch
+    assert {frozenset(x) for x in a[0]} != {frozenset(x) for x in a[1]}
+
+
+def test_bucketed_without_shuffle_sorts_by_length():
+    from mgrit_gru.data import batch_indices
+
+    lengths = _bucket_lengths(100)
+    order = np.concatenate(list(batch_indices(100, 8, shuffle=False, lengths=lengths,
+                                              bucket=True)))
+    assert np.all(np.diff(lengths[order]) >= 0)
+
+
+def test_bucketing_bad_input():
+    from mgrit_gru.data import batch_indices
+
+    with pytest.raises(InputError, match="lengths"):
+        list(batch_indices(10, 4, shuffle=True, seed=0, bucket=True))
+    with pytest.raises(InputError, match="expected 10 values"):
+        list(batch_indices(10, 4, shuffle=True, seed=0, bucket=True, lengths=np.ones(9)))
+    with pytest.raises(InputError, match="batch_size"):
+        list(batch_indices(10, True, shuffle=True, seed=0))
+
+
+def test_iterate_minibatches_bucketed_batches_match_their_lengths():
+    from mgrit_gru.data import iterate_minibatches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, size=200)
+    x = rng.normal(size=(200, 50, 2)).astype(np.float32)
+    split = Split(x=x, y=np.arange(200) % 3, lengths=lengths)
+    total = 0
+    for batch in iterate_minibatches(split, 16, shuffle=True, seed=2, bucket=True):
+        rows = [int(np.flatnonzero((x == batch.x[i]).all(axis=(1, 2)))[0])
+                for i in range(len(batch.y))]
+        assert np.array_equal(batch.lengths, lengths[rows])
+        total += len(batch.y)
+    assert total == 200
