@@ -45,6 +45,10 @@ Besides the torch-like call (``cell(x, h)``, ``cell(x, h, dt)``, LSTM
 :func:`select_lin` indexes it (e.g. one time step of a whole-chunk ``lin``).
 ``dt`` may be a float or a tensor broadcastable to the state; explicit cells
 accept and ignore it. The functional methods never record autograd graphs.
+
+Stacks of ``K`` cells (``make_cell(..., layers=K)``, as ``torch.nn.GRU``'s
+``num_layers``) are :class:`mgrit_gru.models.stacked.StackedCell`: the same API
+on the concatenated state of the layers (docs/layers.md).
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ __all__ = [
     "LSTMCell",
     "RNNCell",
     "RecurrentCell",
+    "cell_class",
+    "cell_name",
     "make_cell",
     "select_lin",
 ]
@@ -138,6 +144,10 @@ class RecurrentCell(nn.Module):
 
     gates: int = 1
     state_factor: int = 1
+    #: stacked layers (:class:`mgrit_gru.models.stacked.StackedCell` has more)
+    layers: int = 1
+    #: number of tensors in a ``lin`` of one cell
+    lin_size: int = 1
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -237,6 +247,21 @@ class RecurrentCell(nn.Module):
         """``dL/dx`` from ``g_xw = dL/dxw`` (any leading dims): ``g_xw W_ih``."""
         return g_xw @ self.weight_ih
 
+    def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
+                  hw: Tensor | None = None) -> Lin:
+        """Jacobian coefficients of the step at ``s_prev`` (any leading dims)."""
+        return self._linearize(xw, s_prev, dt, hw, False)[0]
+
+    def _linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt, hw: Tensor | None,
+                   want_new: bool) -> tuple[Lin, Tensor | None]:
+        """``(lin, h_new)``: :meth:`linearize` and, with ``want_new``, the new hidden
+        state of the step from the same gates (a stack feeds it to the next layer)."""
+        raise NotImplementedError
+
+    def _vjp_both(self, lin: Lin, g: Tensor, acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(vjp_state(lin, g, acc=acc), vjp_proj(lin, g)[0])`` sharing their work."""
+        return self.vjp_state(lin, g, acc=acc), self.vjp_proj(lin, g)[0]
+
     @_no_autograd
     def vjp(self, xw_t: Tensor, s: Tensor, g: Tensor, dt: Dt = 1.0):
         """Convenience: ``(g_s_prev, g_xw, g_hw)`` for one (batched) step."""
@@ -272,6 +297,7 @@ class _GRUFamily(RecurrentCell):
     """
 
     gates = 3
+    lin_size = 3
 
     def _gates(self, xw: Tensor, h: Tensor, hw: Tensor | None = None,
                hw_out: Tensor | None = None):
@@ -315,6 +341,19 @@ class _GRUFamily(RecurrentCell):
         torch.mul(g, c_n, out=g_xw[..., 2 * self.hidden_size:])
         return g_xw, g_hw
 
+    @_no_autograd
+    def _vjp_both(self, lin: Lin, g: Tensor, acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(dL/dh_prev, dL/dxw)``: ``g_hw`` feeds the GEMM, then becomes ``g_xw``."""
+        direct, chw, c_n = lin
+        g_hw = torch.mul(chw, g.unsqueeze(-2)).flatten(-2)
+        if acc is None:
+            acc = torch.mul(g, direct)
+        else:
+            acc.addcmul_(g, direct)
+        _addmm_into(acc, g_hw, self.weight_hh)
+        torch.mul(g, c_n, out=g_hw[..., 2 * self.hidden_size:])
+        return acc, g_hw
+
 
 class ImplicitGRUCell(_GRUFamily):
     """Implicit (backward Euler) GRU cell, stable for any ``dt > 0``.
@@ -352,12 +391,17 @@ class ImplicitGRUCell(_GRUFamily):
         ``C_r = C_n h_n r (1 - r)``,
         ``C_z = -dt (n - h_new) q z (1 - z) = dt q^2 (h - n) z (1 - z)``.
         """
+        return self._linearize(xw, s_prev, dt, hw, False)[0]
+
+    @_no_autograd
+    def _linearize(self, xw, s_prev, dt, hw, want_new):
         rz, n, hn = self._gates(xw, s_prev, hw)
         q = _one_plus_dt_one_minus(rz[..., self.hidden_size:], dt).reciprocal_()
+        h_new = torch.lerp(n, s_prev, q) if want_new else None
         one_minus_q = torch.rsub(q, 1.0)
         c_n = torch.mul(n, n).mul_(one_minus_q).neg_().add_(one_minus_q)
         c_z_base = torch.sub(s_prev, n).mul_(q).mul_(torch.mul(q, dt))
-        return self._lin(q, rz, n, hn, c_n, c_z_base)
+        return self._lin(q, rz, n, hn, c_n, c_z_base), h_new
 
 
 class GRUCell(_GRUFamily):
@@ -384,11 +428,16 @@ class GRUCell(_GRUFamily):
                   hw: Tensor | None = None) -> Lin:
         """``d = z``, ``C_n = (1 - z)(1 - n^2)``, ``C_r = C_n h_n r (1 - r)``,
         ``C_z = (h - n) z (1 - z)``; ``dt`` is ignored."""
+        return self._linearize(xw, s_prev, dt, hw, False)[0]
+
+    @_no_autograd
+    def _linearize(self, xw, s_prev, dt, hw, want_new):
         rz, n, hn = self._gates(xw, s_prev, hw)
         z = rz[..., self.hidden_size:]
+        h_new = torch.lerp(n, s_prev, z) if want_new else None
         one_minus_z = torch.rsub(z, 1.0)
         c_n = torch.mul(n, n).mul_(one_minus_z).neg_().add_(one_minus_z)
-        return self._lin(z.contiguous(), rz, n, hn, c_n, torch.sub(s_prev, n))
+        return self._lin(z.contiguous(), rz, n, hn, c_n, torch.sub(s_prev, n)), h_new
 
 
 class RNNCell(RecurrentCell):
@@ -411,8 +460,13 @@ class RNNCell(RecurrentCell):
     def linearize(self, xw: Tensor, s_prev: Tensor, dt: Dt = 1.0, *,
                   hw: Tensor | None = None) -> Lin:
         """``lin = (1 - h_new^2,)``."""
+        return self._linearize(xw, s_prev, dt, hw, False)[0]
+
+    @_no_autograd
+    def _linearize(self, xw, s_prev, dt, hw, want_new):
         h_new = torch.add(self._projection(s_prev, hw, None), xw).tanh_()
-        return (h_new.mul_(h_new).neg_().add_(1.0),)
+        slope = torch.mul(h_new, h_new) if want_new else h_new.mul_(h_new)
+        return (slope.neg_().add_(1.0),), (h_new if want_new else None)
 
     @_no_autograd
     def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
@@ -428,6 +482,13 @@ class RNNCell(RecurrentCell):
         g_pre = torch.mul(g, lin[0])
         return g_pre, g_pre
 
+    @_no_autograd
+    def _vjp_both(self, lin: Lin, g: Tensor, acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        g_pre = torch.mul(g, lin[0])
+        if acc is None:
+            return torch.matmul(g_pre, self.weight_hh), g_pre
+        return _addmm_into(acc, g_pre, self.weight_hh), g_pre
+
 
 class LSTMCell(RecurrentCell):
     """Classic LSTM cell (torch's equations), state ``s = [h | c]``.
@@ -438,6 +499,7 @@ class LSTMCell(RecurrentCell):
 
     gates = 4
     state_factor = 2
+    lin_size = 4
 
     def _activations(self, xw: Tensor, h: Tensor, hw: Tensor | None = None,
                      hw_out: Tensor | None = None) -> Tensor:
@@ -484,17 +546,22 @@ class LSTMCell(RecurrentCell):
         ``C3 = [g i (1-i), c f (1-f), i (1 - g^2)]``,
         ``C_o = tanh(c_new) o (1 - o)``; then ``dc = g_c + g_h K``,
         ``g_pre = [dc C3, g_h C_o]``, ``g_c_prev = dc f``; ``dt`` is ignored."""
+        return self._linearize(xw, s_prev, dt, hw, False)[0]
+
+    @_no_autograd
+    def _linearize(self, xw, s_prev, dt, hw, want_new):
         H = self.hidden_size
         c = s_prev[..., H:]
         i, f, g, o = self._activations(xw, s_prev[..., :H], hw).chunk(4, -1)
         tc = torch.mul(f, c).addcmul_(i, g).tanh_()
+        h_new = torch.mul(tc, o) if want_new else None
         k = torch.mul(tc, tc).neg_().add_(1.0).mul_(o)
         c3 = torch.empty(*tc.shape[:-1], 3, H, dtype=tc.dtype, device=tc.device)
         torch.mul(i, i, out=c3[..., 0, :]).neg_().add_(i).mul_(g)    # i (1 - i) g
         torch.mul(f, f, out=c3[..., 1, :]).neg_().add_(f).mul_(c)    # f (1 - f) c
         torch.mul(g, g, out=c3[..., 2, :]).neg_().add_(1.0).mul_(i)
         c_o = tc.mul_(o).mul_(torch.rsub(o, 1.0))
-        return k, c3, c_o, f.contiguous()
+        return (k, c3, c_o, f.contiguous()), h_new
 
     def _g_pre(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
         """``(g_pre [.., 4H], dc [.., H])`` for ``g = [g_h | g_c]``."""
@@ -511,19 +578,23 @@ class LSTMCell(RecurrentCell):
     @_no_autograd
     def vjp_state(self, lin: Lin, g: Tensor, *, acc: Tensor | None = None) -> Tensor:
         """``[g_h_prev | g_c_prev] = [g_pre W_hh | dc (.) f]``."""
+        return self._vjp_both(lin, g, acc)[0]
+
+    @_no_autograd
+    def _vjp_both(self, lin: Lin, g: Tensor, acc: Tensor | None = None) -> tuple[Tensor, Tensor]:
         H = self.hidden_size
         g_pre, dc = self._g_pre(lin, g)
         if acc is None:
             acc = torch.empty_like(g)
             torch.mul(dc, lin[3], out=acc[..., H:])
             torch.matmul(g_pre, self.weight_hh, out=acc[..., :H])
-            return acc
+            return acc, g_pre
         acc[..., H:].addcmul_(dc, lin[3])
         if acc.dim() == 2:
             acc[:, :H].addmm_(g_pre, self.weight_hh)
         else:
             acc[..., :H].add_(torch.matmul(g_pre, self.weight_hh))
-        return acc
+        return acc, g_pre
 
     @_no_autograd
     def vjp_proj(self, lin: Lin, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -543,11 +614,30 @@ CELLS: dict[str, type[RecurrentCell]] = {
 def make_cell(name: str, input_size: int, hidden_size: int, *, bias: bool = True,
               dtype: torch.dtype = torch.float32, device=None, layers: int = 1) -> RecurrentCell:
     """Build a cell by registry name (``InputError`` for unknown names); ``layers``
-    stacked cells (each fed the hidden state of the one below) when ``layers > 1``."""
-    if _positive_int(layers, "layers") != 1:
-        raise InputError("layers: stacked cells are not implemented yet")
+    stacked cells (each fed the hidden state of the one below, as
+    ``torch.nn.GRU(num_layers=layers)``): a
+    :class:`~mgrit_gru.models.stacked.StackedCell` when ``layers > 1``."""
+    layers = _positive_int(layers, "layers")
+    cls = cell_class(name)
+    if layers == 1:
+        return cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+    from mgrit_gru.models.stacked import StackedCell
+    return StackedCell(name, input_size, hidden_size, layers, bias=bias, device=device,
+                       dtype=dtype)
+
+
+def cell_class(name: str) -> type[RecurrentCell]:
+    """The cell class of registry name ``name`` (``InputError`` for unknown names)."""
     try:
-        cls = CELLS[name]
+        return CELLS[name]
     except (KeyError, TypeError):
         raise InputError(f"cell: unknown cell {name!r} (choose from {', '.join(CELLS)})") from None
-    return cls(input_size, hidden_size, bias=bias, device=device, dtype=dtype)
+
+
+def cell_name(cell: RecurrentCell) -> str:
+    """The registry name of ``cell`` (of its layers' cell for a stack)."""
+    cls = getattr(cell, "cell_class", type(cell))
+    for name, c in CELLS.items():
+        if c is cls:
+            return name
+    raise InputError(f"cell: {type(cell).__name__} is not a registered cell")
