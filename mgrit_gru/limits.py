@@ -175,13 +175,16 @@ def estimate_memory(config: Any, dataset: Any) -> dict[str, int]:
     are not counted: they are in memory already):
 
     ``parameters``
-        ``P`` values (cell ``G H (d + H + 2)``, head ``H C + C``) x 5 (weights,
-        gradient, Adam's two moments, the allreduce buffer), plus 2 per
-        further worker of a strategy.
+        ``P`` values (cell ``G H (d + H + 2)`` and ``G H (2 H + 2)`` per further
+        layer of ``layers``, head ``H C + C``) x 5 (weights, gradient, Adam's
+        two moments, the allreduce buffer), plus 2 per further worker of a
+        strategy.
     ``training``
-        the sweep buffers of a training batch, ``T B (2 G H + 2 S + d)``
-        values (S: state size), x2 under MGRIT (the coarse levels; ``T`` is
-        then the rank's chunk) and autograd (its graph).
+        the sweep buffers of a training batch, ``T B (d + K (2 G H + 2 S_1))``
+        values (``K`` layers of state size ``S_1`` each: every layer's
+        projections, state and adjoint; for ``K = 1`` the serial sweep's
+        buffers), x2 under MGRIT (the coarse levels; ``T`` is then the rank's
+        chunk) and autograd (its graph).
     ``evaluation``
         the same for an evaluation batch (``max(batch_size, 256)``, at most
         the test set).
@@ -190,13 +193,15 @@ def estimate_memory(config: Any, dataset: Any) -> dict[str, int]:
     ``confusion``
         ``C^2`` float64 counts, 4 copies.
     ``warm_start``
-        with ``warm_start``: the store, up to ``warm_start_mb``.
+        with ``warm_start``: the store, up to ``warm_start_mb`` (a state holds
+        all ``K`` layers).
     """
     dtype = _value(config, "dtype", "float32")
     b = 8 if dtype == "float64" else 4
     cell = _value(config, "cell", "implicit-gru")
     gates, state_factor = CELL_SHAPES.get(cell, (4, 2))
     hidden = int(_value(config, "hidden", 32))
+    layers = int(_value(config, "layers", 1))
     workers = int(_value(config, "workers", 1))
     batch = int(_value(config, "batch_size", 32))
     propagator = _value(config, "propagator", "serial")
@@ -206,8 +211,9 @@ def estimate_memory(config: Any, dataset: Any) -> dict[str, int]:
     train, test = dataset.train, dataset.test
     n_train, n_test = len(train), len(test)
 
-    params = gates * hidden * (d + hidden + 2) + hidden * classes + classes
-    step = 2 * gates * hidden + 2 * state_factor * hidden + d  # values per step and sample
+    params = _cell_params(gates, hidden, d, layers) + hidden * classes + classes
+    # values per step and sample: every layer's projections, state and adjoint
+    step = layers * (2 * gates * hidden + 2 * state_factor * hidden) + d
     train_steps = train.seq_len
     factor = 1
     if propagator == "mgrit":
@@ -227,25 +233,34 @@ def estimate_memory(config: Any, dataset: Any) -> dict[str, int]:
         "warm_start": 0,
     }
     if _value(config, "warm_start", False) and propagator == "mgrit":
-        store = n_train * train_steps * state_factor * hidden * b * 2
+        store = n_train * train_steps * layers * state_factor * hidden * b * 2
         parts["warm_start"] = min(store, int(float(_value(config, "warm_start_mb", 0.0)) * 1e6))
     return parts
 
 
+def _cell_params(gates: int, hidden: int, d: int, layers: int) -> int:
+    """Parameters of ``layers`` stacked cells (layer 1 reads ``d`` inputs, the
+    others the ``hidden`` outputs of the layer below)."""
+    return gates * hidden * (d + hidden + 2) + (layers - 1) * gates * hidden * (2 * hidden + 2)
+
+
 _PART_NAMES = {
     "parameters": "parameters, gradients and optimizer state ({params:.3g} parameters: "
-                  "hidden {hidden}, {classes} classes, {workers} worker(s))",
-    "training": "training sweep buffers (batch {batch}, {steps} steps, hidden {hidden})",
+                  "hidden {hidden}{layers}, {classes} classes, {workers} worker(s))",
+    "training": "training sweep buffers (batch {batch}, {steps} steps, hidden {hidden}"
+                "{layers})",
     "evaluation": "evaluation sweep buffers ({eval_batch} sequences, {test_steps} steps, "
-                  "hidden {hidden})",
+                  "hidden {hidden}{layers})",
     "data_copy": "the data as float64 (dtype float64)",
     "confusion": "the confusion matrix ({classes} classes)",
     "warm_start": "the warm-start store (warm_start_mb)",
 }
 
 _PART_OPTIONS = {
-    "parameters": "--hidden", "training": "--batch-size, --hidden or --max-len",
-    "evaluation": "--hidden, --max-test or --max-len", "data_copy": "--dtype float32 or --max-train",
+    "parameters": "--hidden or --layers",
+    "training": "--batch-size, --hidden, --layers or --max-len",
+    "evaluation": "--hidden, --layers, --max-test or --max-len",
+    "data_copy": "--dtype float32 or --max-train",
     "confusion": "the data's classes", "warm_start": "--warm-start-mb",
 }
 
@@ -286,9 +301,11 @@ def check_resources(config: Any, dataset: Any, ranks_per_node: int) -> None:
     batch = int(_value(config, "batch_size", 32))
     d, classes = int(dataset.input_size), int(dataset.num_classes)
     gates = CELL_SHAPES.get(_value(config, "cell", "implicit-gru"), (4, 2))[0]
+    layers = int(_value(config, "layers", 1))
     detail = _PART_NAMES[big].format(
-        params=float(gates * hidden * (d + hidden + 2) + hidden * classes + classes),
-        hidden=hidden, classes=classes, workers=int(_value(config, "workers", 1)),
+        params=float(_cell_params(gates, hidden, d, layers) + hidden * classes + classes),
+        hidden=hidden, layers=f" x {layers} layers" if layers > 1 else "",
+        classes=classes, workers=int(_value(config, "workers", 1)),
         batch=min(batch, len(dataset.train)), steps=dataset.train.seq_len,
         eval_batch=min(max(batch, _EVAL_BATCH), len(dataset.test)),
         test_steps=dataset.test.seq_len)
