@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.core.grid import Partition, block_ranges, make_hierarchy
+from mgrit_gru.core.grid import Partition, TimeGrid, block_ranges, make_hierarchy
 
 NS = [1, 2, 3, 4, 5, 7, 16, 37, 64, 100, 127, 128, 129]
 MS = [2, 3, 4, 5]
@@ -88,3 +88,44 @@ def test_bad_hierarchy_arguments(bad):
 def test_too_many_ranks_is_a_clear_error():
     with pytest.raises(InputError, match="at most 4 time ranks"):
         block_ranges(4, 5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_time_grid_is_the_partition_seen_from_one_rank(reverse):
+    """TimeGrid.build: the block partition (reversed through Partition.reversed, the
+    one formula), positions <-> ranks, and the level-1 rows of each rank, checked
+    against brute force for a sweep of (N, m, L, P)."""
+    for n, m, nl, p in _cases():
+        if p > min(n, 7):   # at most N time ranks (the propagators' rule); few, to keep it short
+            continue
+        levels = make_hierarchy(n, m, nl)
+        part = Partition.block(levels, p)
+        if reverse:
+            part = part.reversed(levels)
+        seen = set()
+        for rank in range(p):
+            g = TimeGrid.build(n, m, nl, p, rank, reverse=reverse)
+            assert [lev.n_points for lev in g.levels] == [lev.n_points for lev in levels]
+            assert g.partition.fine_ranges == part.fine_ranges
+            q = g.position
+            assert q == (p - 1 - rank if reverse else rank) and g.rank_of(q) == rank
+            assert g.position_of(rank) == q
+            seen.add(q)
+            r = g.fine_range
+            assert (r.lo, r.hi) == part.fine_ranges[q]
+            for lev in g.levels:
+                assert g.range(lev.index) == part.range(lev.index, q)
+            # level-1 rows: exactly the owned fine points divisible by m (point 0 included)
+            rows = list(range(*g.c_rows.indices(r.size)))
+            assert [r.lo + k for k in rows] == [j for j in range(r.lo, r.hi) if j % m == 0]
+            if rows:
+                assert g.c_first == r.lo + rows[0]
+            # the forward point of every owned solver point is owned by this rank in forward time
+            fwd = Partition.block(levels, p).fine_ranges[rank]
+            assert all(fwd[0] <= g.fine_point(s) < fwd[1] for s in range(r.lo, r.hi))
+        assert seen == set(range(p))
+
+
+def test_time_grid_rejects_a_rank_outside_the_communicator():
+    with pytest.raises(ValueError):
+        TimeGrid.build(10, 2, 2, size=2, rank=2)

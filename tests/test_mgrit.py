@@ -4,6 +4,8 @@ Each check is a function of a communicator: the serial tests run it at P=1,
 the ``mpi`` tests at whatever size mpiexec gives (CI: 2 and 3).
 """
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
 from mgrit_gru.core.solver import MGRIT, MGRITSettings
-from mgrit_gru.core.stepper import DahlquistStepper
+from mgrit_gru.core.stepper import DahlquistStepper, StepperBase, TimeStepper
 
 U0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
 
@@ -88,8 +90,84 @@ def check_reverse_time(comm):
     assert info.converged and torch.allclose(u, truth, atol=1e-11)
 
 
+class Recording(DahlquistStepper):
+    """Dahlquist, recording the value of every fine step from an owned row and the
+    flags its access hook gets."""
+
+    def __init__(self, lo, n, **kw):
+        super().__init__(lam=torch.tensor([-0.3, -2.0, -10.0]), dt=0.1, state_shape=(3,), **kw)
+        self.lo, self.n = lo, n
+        self.last_from: dict[int, torch.Tensor] = {}
+        self.accessed = None
+
+    def step(self, u, t_from, t_to, level, rhs=None, *, out):
+        if level == 0 and self.lo <= t_from < self.lo + self.n:
+            self.last_from[t_from] = u.clone()
+        return super().step(u, t_from, t_to, level, rhs, out=out)
+
+    def access(self, u, first, fresh):
+        self.accessed = (u.clone(), first, bytes(fresh))
+
+
+FRESH_CASES = [dict(), dict(final_residual=False), dict(relax="FCF"), dict(relax="FCF", final_residual=False),
+               dict(cycle="F", levels=4, cfactor=2), dict(nested=True), dict(skip_first_relax=True),
+               dict(levels=1), dict(max_iters=0), dict(max_iters=0, skip_first_relax=True),
+               dict(max_iters=0, skip_first_relax=True, final_residual=False)]
+
+
+def check_access_flags(comm):
+    """access gets this rank's final values; a row flagged fresh was stepped from last
+    with exactly its final value (a copy of it: compared exactly); with the final
+    residual every row but the last is fresh; without it the rows before the C-points
+    are stale (they were corrected after their last step)."""
+    n = 37
+    for reverse in (False, True):
+        for kw in FRESH_CASES:
+            s = MGRITSettings(**dict(dict(levels=3, cfactor=4, max_iters=2), **kw))
+            grid = MGRIT.make_grid(comm, n, s, reverse=reverse)
+            r = grid.fine_range
+            st = Recording(r.lo, r.size)
+            solver = MGRIT(st, comm, grid, s)
+            g = torch.Generator().manual_seed(3)
+            rhs = torch.randn((n + 1, 3), generator=g, dtype=torch.float64)[r.lo:r.hi]
+            u, info = solver.solve(u0=U0, rhs=rhs)
+            got, first, fresh = st.accessed
+            assert first == r.lo and len(fresh) == r.size and torch.equal(got, u), kw
+            for k in range(r.size):
+                if fresh[k]:
+                    assert torch.equal(st.last_from[r.lo + k], u[k]), (kw, reverse, k)
+            assert not fresh[-1]            # its step is the right neighbour's (or none)
+            last_sweep_full = s.final_residual or s.levels == 1 or (
+                s.max_iters == 0 and not s.skip_first_relax)
+            if last_sweep_full and not (s.max_iters == 0 and s.skip_first_relax):
+                assert all(fresh[:-1]), (kw, reverse, list(fresh))
+            if not s.final_residual and s.levels > 1 and s.max_iters > 0:
+                c_before = [k for k in range(r.size - 1) if (r.lo + k + 1) % s.cfactor == 0]
+                assert c_before and not any(fresh[k] for k in c_before), (kw, reverse, list(fresh))
+
+
+def check_halo(comm):
+    """halo: each rank gets the value at the solver point before its first one from
+    its owner (forward and reversed time); the rank owning point 0 gets none."""
+    n = 37
+    for reverse in (False, True):
+        s = MGRITSettings(levels=3, cfactor=4, max_iters=50, abs_tol=1e-13)
+        u, truth, info = _solve(comm, n, s, rhs_seed=2, reverse=reverse)
+        solver = MGRIT(_stepper(), comm, n, s, reverse=reverse)
+        lo = solver.fine_range.lo
+        g = torch.Generator().manual_seed(2)
+        full = _stepper().sequential(U0, n, torch.randn((n + 1, 3), generator=g, dtype=torch.float64))
+        out = torch.full((3,), float("nan"), dtype=torch.float64)
+        got = solver.halo(u, out)
+        assert got == (lo > 0)
+        if got:
+            assert torch.allclose(out, full[lo - 1], rtol=0, atol=1e-11), (reverse, lo)
+        else:
+            assert torch.isnan(out).all()
+
+
 CHECKS = [check_converges_to_sequential, check_two_level_f_exact_after_nc_iterations,
-          check_residuals_independent_of_p, check_reverse_time]
+          check_residuals_independent_of_p, check_reverse_time, check_access_flags, check_halo]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)
@@ -147,3 +225,61 @@ def test_final_residual_can_be_skipped():
     assert torch.equal(a[0], b[0])                       # same answer
     assert b[1].residuals == a[1].residuals[:-1]         # one residual fewer
     assert a[1].steps[0] - b[1].steps[0] == 64 // 4      # N/m fine steps saved
+
+
+def test_grid_first_then_stepper_and_solver():
+    """The grid exists before any stepper; the solver takes the stepper at construction
+    and refuses a grid made for other settings; its stepper cannot be replaced."""
+    s = MGRITSettings(levels=3, cfactor=4, max_iters=50, abs_tol=1e-13)
+    grid = MGRIT.make_grid(None, 40, s, reverse=True)
+    assert grid.reverse and grid.fine_range.lo == 0 and grid.fine_range.hi == 41
+    solver = MGRIT(_stepper(), None, grid, s)
+    assert solver.grid is grid and solver.N == 40 and solver.reverse
+    with pytest.raises(AttributeError):
+        solver.stepper = _stepper()
+    with pytest.raises(ValueError, match="does not match"):
+        MGRIT(_stepper(), None, grid, MGRITSettings(levels=2, cfactor=4))
+    with pytest.raises(ValueError, match="contradicts"):
+        MGRIT(_stepper(), None, grid, s, reverse=False)
+
+    class NoAlloc:
+        state_shape, dtype = (1,), torch.float64
+
+        def step(self, u, t_from, t_to, level, rhs=None, *, out):
+            return out.copy_(u)
+    with pytest.raises(TypeError, match="zeros"):
+        MGRIT(NoAlloc(), None, 10, s)
+    assert isinstance(_stepper(), TimeStepper) and not isinstance(NoAlloc(), TimeStepper)
+
+
+def test_rhs_is_added_by_the_stepper():
+    """The solver hands g to the stepper: a stepper that ignored rhs gets the
+    homogeneous solution, one that adds it the sequential truth with sources."""
+    class IgnoresRhs(DahlquistStepper):
+        def step(self, u, t_from, t_to, level, rhs=None, *, out):
+            return super().step(u, t_from, t_to, level, None, out=out)
+    n = 20
+    rhs = torch.randn((n + 1, 3), generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    s = MGRITSettings(levels=1)
+    lam = torch.tensor([-0.3, -2.0, -10.0])
+    kw = dict(lam=lam, dt=0.1, state_shape=(3,))
+    u, _ = MGRIT(IgnoresRhs(**kw), None, n, s).solve(u0=U0, rhs=rhs)
+    torch.testing.assert_close(u, DahlquistStepper(**kw).sequential(U0, n), rtol=0, atol=1e-14)
+    u, _ = MGRIT(DahlquistStepper(**kw), None, n, s).solve(u0=U0, rhs=rhs)
+    torch.testing.assert_close(u, DahlquistStepper(**kw).sequential(U0, n, rhs), rtol=0, atol=1e-14)
+
+
+def test_own_stepper_example_of_the_docs():
+    """The example of docs/mgrit.md ("Using the solver on your own stepper") runs and
+    gives backward Euler's closed form."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "mgrit.md").read_text()
+    part = doc.split("## Using the solver on your own stepper", 1)[1]
+    code = re.search(r"```python\n(.*?)```", part, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/mgrit.md", "exec"), scope)
+    u, info, lo = scope["u"], scope["info"], scope["lo"]
+    assert info.converged
+    t = torch.arange(lo, lo + u.shape[0], dtype=torch.float64)
+    want = (1.0 / 1.01) ** t
+    torch.testing.assert_close(u, want.unsqueeze(1).expand_as(u), rtol=0, atol=1e-9)
+    assert issubclass(scope["Decay"], StepperBase)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from mgrit_gru.models import MGRITOptions, MGRITPropagator
 from mgrit_gru.core.comm import Comm
-from mgrit_gru.errors import InputError
 from mgrit_gru.models import AutogradPropagator, SequenceClassifier
 
 D, H, C, B = 3, 8, 4, 5
@@ -133,6 +132,7 @@ def check_options_converge_to_bptt(comm):
     l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
     for kw in [dict(nested=True), dict(cycle="F", levels=4, cfactor=2), dict(coarse_input="mean"),
                dict(relax="FCF", nested=True), dict(skip_first_relax=True),
+               dict(final_residual=False),      # the adjoint gets recomputed projections
                dict(fwd_iters=60, bwd_iters=60, fwd_rtol=1e-12, bwd_rtol=1e-12),
                dict(fwd_iters=60, bwd_iters=60, fwd_rtol=1e-12, bwd_rtol=1e-12, skip_first_relax=True)]:
         opts = MGRITOptions(**(kw if "fwd_rtol" in kw else dict(TIGHT_KW, **kw)))
@@ -248,9 +248,15 @@ def test_float32_forward_matches_serial():
 
 
 @pytest.mark.parametrize("opts", [MGRITOptions(), MGRITOptions(relax="FCF", cycle="F"), MGRITOptions(levels=1),
-                                  MGRITOptions(fwd_iters=0)])
+                                  MGRITOptions(fwd_iters=0), MGRITOptions(nested=True, relax="FCF"),
+                                  # the last sweep did not step from every final state: the
+                                  # access hook recomputes the stale projections
+                                  MGRITOptions(final_residual=False),
+                                  MGRITOptions(fwd_iters=0, skip_first_relax=True),
+                                  MGRITOptions(final_residual=False, relax="FCF", nested=True)])
 def test_saved_hidden_projections_are_those_of_the_final_states(opts):
-    """The adjoint reuses the forward's last-sweep projections: they must match the final states."""
+    """The adjoint reuses the forward's projections: they must be those of the final
+    states, whatever the last sweep stepped from."""
     model = _model()
     x, _, _ = _batch(37)
     *_, h, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
@@ -264,13 +270,104 @@ def test_saved_hidden_projections_are_those_of_the_final_states(opts):
             torch.testing.assert_close(hw[t], want, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("opts", [MGRITOptions(final_residual=False),
-                                  MGRITOptions(fwd_iters=0, skip_first_relax=True)])
-def test_no_saved_projections_when_the_last_sweep_is_stale(opts):
+def test_stale_projections_are_recomputed_in_one_call():
+    """After a solve without its final residual the rows before the C-points were
+    written after their last step: exactly those (and the last row) are recomputed,
+    in one call of hidden_projection."""
     model = _model()
     x, _, _ = _batch(37)
-    *_, hw = MGRITPropagator(None, opts).solve_states(model.cell, x)
-    assert hw is None
+    calls = []
+    real = model.cell.hidden_projection
+
+    def counting(h, out=None):
+        if h.dim() == 3:                 # many rows at once; a step projects one [B, H]
+            calls.append(h.shape[0])
+        return real(h, out=out)
+    model.cell.hidden_projection = counting
+    try:
+        MGRITPropagator(None, MGRITOptions(final_residual=False, relax="F")).solve_states(model.cell, x)
+    finally:
+        del model.cell.hidden_projection
+    m = 4
+    stale = len(range(m - 1, 37, m)) + 1    # rows c-1 of the C-points 4, 8, .., 36, and row 37
+    assert calls == [stale], calls
+
+
+def _stepper_cases():
+    """(name, stepper factory) of every stepper of the package, on small problems."""
+    from mgrit_gru.core.solver import MGRIT, MGRITSettings
+    from mgrit_gru.core.stepper import DahlquistStepper
+    from mgrit_gru.models.steppers import CellAdjointStepper, CellForwardStepper, Inputs
+
+    def dahlquist():
+        return DahlquistStepper(lam=torch.tensor([-0.3, -2.0], dtype=torch.float64), dt=0.1, state_shape=(2,)), \
+            lambda u, t_from, t_to: u / (1 + torch.tensor([0.3, 2.0], dtype=torch.float64) * 0.1 * (t_to - t_from))
+
+    def forward():
+        model = _model()
+        x, _, _ = _batch(16)
+        with torch.no_grad():
+            xw = model.cell.input_projection(x.transpose(0, 1).contiguous())
+        st = CellForwardStepper(model.cell, xw, 0, B, inputs=Inputs(xw, 0, "end"))
+
+        def truth(u, t_from, t_to):      # level 0: the cell's differentiable step, dt = 1
+            with torch.no_grad():
+                return model.cell.forward_state(xw[t_to - 1], u, float(t_to - t_from))
+        return st, truth
+
+    def adjoint():
+        model = _model()
+        n = 16
+        x, _, _ = _batch(n)
+        s = MGRITSettings(levels=2, cfactor=4)
+        grid = MGRIT.make_grid(None, n, s, reverse=True)
+        with torch.no_grad():
+            xw = model.cell.input_projection(x.transpose(0, 1).contiguous())
+            h = torch.zeros(n + 1, B, H, dtype=torch.float64)
+            for t in range(n):
+                h[t + 1] = model.cell.forward_state(xw[t], h[t])
+        st = CellAdjointStepper(model.cell, grid, h, 0, xw, 0, B)
+
+        def truth(g, s_from, s_to):      # autograd VJP of the forward step t -> t+1
+            t = n - s_to
+            hp = h[t].clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = model.cell.forward_state(xw[t], hp)
+                return torch.autograd.grad(out, hp, g)[0]
+        return st, truth
+
+    return [("dahlquist", dahlquist), ("forward", forward), ("adjoint", adjoint)]
+
+
+@pytest.mark.parametrize("name,make", _stepper_cases(), ids=[c[0] for c in _stepper_cases()])
+def test_stepper_conformance(name, make):
+    """Every stepper keeps the protocol of mgrit_gru.core.stepper (XBraid's braid_TestAll):
+    zeros/clone allocate on its device and dtype, clone is deep, step writes out and
+    returns it, leaves u and rhs alone, adds rhs exactly once, and a fine step equals
+    an independent truth (closed form, the cell's autograd step, autograd's VJP)."""
+    st, truth = make()
+    z = st.zeros(3)
+    assert z.shape == (3, *st.state_shape) and z.dtype == st.dtype and z.device == st.device
+    assert not z.any()
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(st.state_shape, generator=g, dtype=st.dtype)
+    c = st.clone(u)
+    c += 1
+    assert not torch.equal(c, u)                          # deep
+    rhs = torch.randn(st.state_shape, generator=g, dtype=st.dtype)
+    u0, rhs0 = u.clone(), rhs.clone()
+    out = st.zeros()
+    assert st.step(u, 3, 4, 0, out=out) is out
+    plain = out.clone()
+    torch.testing.assert_close(plain, truth(u, 3, 4), rtol=0, atol=1e-12)
+    out2 = st.zeros()
+    assert st.step(u, 3, 4, 0, rhs, out=out2) is out2
+    torch.testing.assert_close(out2, plain + rhs, rtol=0, atol=1e-12)
+    assert torch.equal(u, u0) and torch.equal(rhs, rhs0)  # inputs untouched (same tensors)
+    # a coarse step (level 1, four intervals) runs and adds its rhs as well
+    coarse = st.step(u, 4, 8, 1, out=st.zeros())
+    torch.testing.assert_close(st.step(u, 4, 8, 1, rhs, out=st.zeros()), coarse + rhs, rtol=0, atol=1e-12)
+    assert st.access(st.zeros(2), 0, bytes(2)) is None    # the hook exists (a no-op here)
 
 
 def test_backward_uses_the_parameters_of_the_forward():

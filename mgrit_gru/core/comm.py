@@ -4,7 +4,18 @@
   ``COMM_WORLD`` behind the caller's back, except to abort the whole job).
   ``Comm.serial()`` is a stand-in for one process that needs no MPI at all.
 * Torch tensors travel as buffers (``tensor.numpy()`` views of contiguous CPU
-  tensors, no pickling).  Small metadata (configs, checksums) may be pickled.
+  tensors, no pickling).  Small metadata (configs, checksums) may be pickled;
+  scalars (:meth:`Comm.allreduce_scalar`) travel as one-element buffers, whose
+  MPI call releases the GIL (worker threads call it).
+* Tensors on a device (CUDA) are staged through reusable host buffers (pinned
+  when CUDA is present), or passed to MPI directly when MPI is CUDA-aware:
+  detected with mpi4py's ``MPI.Query_cuda_support()`` where mpi4py has it,
+  overridden by the environment variable ``MGRIT_GRU_CUDA_AWARE=0|1``
+  (:func:`cuda_aware_mpi`).  ``Comm(..., stage=True)`` forces the staging
+  path for every tensor, CPU ones included (non-pinned buffers without CUDA),
+  so that it can be tested without a GPU.
+* What MPI cannot carry (a non-contiguous tensor, a dtype without an MPI
+  type) is refused with one :class:`~mgrit_gru.errors.InputError` line.
 * :func:`abort_on_exception` turns an exception on any rank into a clear
   message and an ``MPI_Abort`` of the whole job, so no rank is left waiting in
   a receive that will never come.
@@ -14,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from mgrit_gru.errors import InputError
@@ -28,42 +41,122 @@ except Exception:  # pragma: no cover - exercised only on broken installs
 
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
+#: The environment variable that overrides the detection of a CUDA-aware MPI.
+CUDA_AWARE_ENV = "MGRIT_GRU_CUDA_AWARE"
 
-def _buffer(t: torch.Tensor):
-    if not t.is_contiguous() or t.device.type != "cpu":
-        raise ValueError("MPI buffers must be contiguous CPU tensors")
-    return t.detach().numpy()
+
+def cuda_aware_mpi() -> bool:
+    """Whether MPI can take CUDA device buffers directly.
+
+    ``MGRIT_GRU_CUDA_AWARE=1`` (or ``0``) decides; otherwise mpi4py's
+    ``MPI.Query_cuda_support()`` where this mpi4py and MPI have it, else
+    False (device tensors are then staged through host buffers).
+    """
+    env = os.environ.get(CUDA_AWARE_ENV, "").strip().lower()
+    if env:
+        if env in ("1", "true", "yes", "on"):
+            return True
+        if env in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"{CUDA_AWARE_ENV}={os.environ[CUDA_AWARE_ENV]!r}: expected 0 or 1")
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is None:
+        return False
+    try:
+        return bool(query())
+    except Exception:  # noqa: BLE001 - an MPI without the query
+        return False
+
+
+def _host_view(t: torch.Tensor):
+    """The numpy view of a contiguous CPU tensor (what mpi4py takes as a buffer)."""
+    try:
+        return t.detach().numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise InputError(f"a {t.dtype} tensor cannot travel over MPI ({exc})") from None
+
+
+def _check(t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise InputError(f"MPI buffers must be contiguous tensors: got a non-contiguous "
+                         f"{list(t.shape)} tensor (call .contiguous() first)")
+
+
+class _HostPool:
+    """Reusable host buffers for staging device tensors, per (dtype, size, pinned).
+
+    A buffer is taken for one transfer and given back when it has completed
+    (for a non-blocking one: at ``wait``).  Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, dtype: torch.dtype, n: int, pinned: bool) -> torch.Tensor:
+        key = (dtype, n, pinned)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        # a host buffer on purpose (staging); pinned memory for fast device copies
+        return torch.empty(n, dtype=dtype, device="cpu", pin_memory=pinned)
+
+    def give(self, buf: torch.Tensor) -> None:
+        key = (buf.dtype, buf.numel(), buf.is_pinned())
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) < 8:
+                free.append(buf)
 
 
 class Request:
-    """A pending non-blocking operation; keeps its buffer alive until waited on."""
+    """A pending non-blocking operation; keeps its buffer alive until waited on
+    (and then runs its completion: a staged receive's copy to the device)."""
 
-    __slots__ = ("_req", "_buf")
+    __slots__ = ("_req", "_buf", "_done")
 
-    def __init__(self, req, buf):
-        self._req, self._buf = req, buf
+    def __init__(self, req, buf, done: Callable[[], None] | None = None):
+        self._req, self._buf, self._done = req, buf, done
 
     def wait(self) -> None:
         if self._req is not None:
             self._req.Wait()
-            self._req = self._buf = None
+            done, self._req, self._buf, self._done = self._done, None, None, None
+            if done is not None:
+                done()
 
 
 class Comm:
-    """A (duplicated) communicator, or the serial stand-in when ``mpi_comm`` is None."""
+    """A (duplicated) communicator, or the serial stand-in when ``mpi_comm`` is None.
 
-    def __init__(self, mpi_comm=None):
+    ``stage=True`` sends every tensor through host staging buffers, CPU ones
+    too (a test switch; by default only non-CPU tensors are staged, unless
+    MPI is CUDA-aware).  ``cuda_aware``: None detects it (:func:`cuda_aware_mpi`).
+    """
+
+    def __init__(self, mpi_comm=None, *, stage: bool = False, cuda_aware: bool | None = None):
         self._c = mpi_comm
         self.rank = 0 if mpi_comm is None else mpi_comm.Get_rank()
         self.size = 1 if mpi_comm is None else mpi_comm.Get_size()
+        self.stage = bool(stage)
+        self._cuda_aware = cuda_aware
+        self._pool = _HostPool()
+
+    @property
+    def cuda_aware(self) -> bool:
+        """Whether CUDA tensors go to MPI directly (detected once, on first use)."""
+        if self._cuda_aware is None:
+            self._cuda_aware = self._c is not None and cuda_aware_mpi()
+        return self._cuda_aware
 
     # -- construction -----------------------------------------------------
     @classmethod
-    def world(cls) -> "Comm":
+    def world(cls, *, stage: bool = False) -> "Comm":
         """A duplicate of ``MPI.COMM_WORLD`` (serial stand-in if MPI is absent)."""
         if MPI is None:
-            return cls(None)
-        return cls(MPI.COMM_WORLD.Dup())
+            return cls(None, stage=stage)
+        return cls(MPI.COMM_WORLD.Dup(), stage=stage)
 
     @classmethod
     def serial(cls) -> "Comm":
@@ -79,9 +172,11 @@ class Comm:
         return self._c
 
     def split(self, color: int, key: int) -> "Comm":
+        """A sub-communicator (collective); it keeps this one's staging settings."""
+        kw = {"stage": self.stage, "cuda_aware": self._cuda_aware}
         if self._c is None:
-            return Comm(None)
-        return Comm(self._c.Split(color, key))
+            return Comm(None, **kw)
+        return Comm(self._c.Split(color, key), **kw)
 
     def split_grid(self, time_size: int) -> tuple["Comm", "Comm"]:
         """Split into a (time x data) grid of ``time_size`` x ``size // time_size``.
@@ -97,33 +192,90 @@ class Comm:
         data_index, time_index = divmod(self.rank, time_size)
         return self.split(data_index, time_index), self.split(time_index, data_index)
 
+    # -- buffers ----------------------------------------------------------
+    def _direct(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` goes to MPI as it is (no staging)."""
+        if self.stage:
+            return False
+        if t.device.type == "cpu":
+            return True
+        return t.device.type == "cuda" and self.cuda_aware
+
+    def _outgoing(self, t: torch.Tensor):
+        """``(MPI buffer, staging buffer or None)`` holding the values of ``t``."""
+        _check(t)
+        if self._direct(t):
+            if t.device.type == "cpu":
+                return _host_view(t), None
+            torch.cuda.current_stream(t.device).synchronize()   # MPI knows no torch stream
+            return t.detach(), None
+        host = self._pool.take(t.dtype, t.numel(), t.device.type == "cuda")
+        host.copy_(t.detach().view(-1))
+        return _host_view(host), host
+
+    def _incoming(self, out: torch.Tensor):
+        """``(MPI buffer, completion)``: MPI writes the buffer, then ``completion()``
+        (if not None) moves it into ``out``."""
+        _check(out)
+        if self._direct(out):
+            if out.device.type == "cpu":
+                return _host_view(out), None
+            torch.cuda.current_stream(out.device).synchronize()
+            return out.detach(), None
+        host = self._pool.take(out.dtype, out.numel(), out.device.type == "cuda")
+
+        def done():
+            out.detach().view(-1).copy_(host)
+            self._pool.give(host)
+        return _host_view(host), done
+
     # -- point to point ---------------------------------------------------
     def send(self, t: torch.Tensor, dest: int, tag: int = 0) -> None:
-        self._c.Send(_buffer(t), dest=dest, tag=tag)
+        buf, host = self._outgoing(t)
+        self._c.Send(buf, dest=dest, tag=tag)
+        if host is not None:
+            self._pool.give(host)
 
     def recv(self, out: torch.Tensor, source: int, tag: int = 0) -> torch.Tensor:
-        self._c.Recv(_buffer(out), source=source, tag=tag)
+        buf, done = self._incoming(out)
+        self._c.Recv(buf, source=source, tag=tag)
+        if done is not None:
+            done()
         return out
 
     def isend(self, t: torch.Tensor, dest: int, tag: int = 0) -> Request:
-        buf = _buffer(t)
-        return Request(self._c.Isend(buf, dest=dest, tag=tag), buf)
+        buf, host = self._outgoing(t)
+        done = None if host is None else (lambda: self._pool.give(host))
+        return Request(self._c.Isend(buf, dest=dest, tag=tag), buf, done)
 
     def irecv(self, out: torch.Tensor, source: int, tag: int = 0) -> Request:
-        buf = _buffer(out)
-        return Request(self._c.Irecv(buf, source=source, tag=tag), buf)
+        buf, done = self._incoming(out)
+        return Request(self._c.Irecv(buf, source=source, tag=tag), buf, done)
 
     # -- collectives ------------------------------------------------------
     def allreduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """In-place allreduce of a contiguous CPU tensor."""
-        if self._c is not None and self.size > 1:
-            self._c.Allreduce(MPI.IN_PLACE, _buffer(t), op=getattr(MPI, _OPS[op]))
+        """In-place allreduce of a contiguous tensor (on any device).
+
+        With ``stage=True`` the MPI call runs even on one rank (so that the
+        staging path can be tested)."""
+        if self._c is None or (self.size == 1 and not self.stage):
+            return t
+        mpi_op = getattr(MPI, _OPS[op])
+        buf, host = self._outgoing(t)
+        self._c.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+        if host is not None:
+            t.detach().view(-1).copy_(host)
+            self._pool.give(host)
         return t
 
     def allreduce_scalar(self, x: float, op: str = "sum") -> float:
+        """Allreduce of one number as a float64 buffer (no pickling: the MPI call
+        releases the GIL, so other threads run while this one waits)."""
         if self._c is None or self.size == 1:
             return float(x)
-        return float(self._c.allreduce(float(x), op=getattr(MPI, _OPS[op])))
+        buf = np.array([float(x)], dtype=np.float64)
+        self._c.Allreduce(MPI.IN_PLACE, buf, op=getattr(MPI, _OPS[op]))
+        return float(buf[0])
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         if self._c is None or self.size == 1:

@@ -22,6 +22,11 @@ Conventions
   coarse levels a rank may own none.  ``left``/``right`` are the positions
   owning the point before the first / after the last owned point, so ranks
   without points are skipped over.
+* A :class:`TimeGrid` is what one rank needs before any stepper exists: the
+  hierarchy, the partition (in forward or reversed time), this rank's
+  position in it and the map from positions to ranks.  The solver and the
+  steppers that need the partition (the adjoint linearises this rank's steps
+  of every level) are built from the same one.
 """
 from __future__ import annotations
 
@@ -168,7 +173,8 @@ class Partition:
 
         Position ``q`` of the result is position ``P-1-q`` of ``self``.  The
         levels must be a hierarchy for the same ``N`` (coarse points differ in
-        reversed time unless ``m`` divides ``N``).
+        reversed time unless ``m`` divides ``N``).  This is the one place the
+        reversed ranges are computed (:class:`TimeGrid` uses it).
         """
         n = self.levels[0].n_points - 1
         rev = [(n - hi + 1, n - lo + 1) for lo, hi in reversed(self.fine_ranges)]
@@ -183,3 +189,75 @@ class Partition:
 
     def range(self, level: int, position: int) -> LevelRange:
         return self.level_ranges[level][position]
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """The hierarchy and partition of one solve, seen from one rank.
+
+    Built by :meth:`build` from the number of intervals, the coarsening, and
+    the communicator's size and rank only, so that it exists before any
+    stepper.  ``reverse=True``: solver point ``s`` is fine point ``N - s`` of
+    the forward grid, owned by the rank that owns that forward point; rank
+    ``r`` is then position ``P - 1 - r`` (positions are in solver time order).
+    """
+
+    n_intervals: int
+    cfactor: int
+    max_levels: int
+    min_points: int
+    reverse: bool
+    size: int                      # ranks (positions)
+    rank: int                      # this rank
+    levels: tuple[Level, ...]
+    partition: Partition
+
+    @classmethod
+    def build(cls, n_intervals: int, cfactor: int, max_levels: int, size: int = 1, rank: int = 0,
+              reverse: bool = False, min_points: int = 2) -> "TimeGrid":
+        """The grid of ``n_intervals`` fine intervals over ``size`` ranks, for ``rank``."""
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is not in 0..{size - 1}")
+        levels = tuple(make_hierarchy(n_intervals, cfactor, max_levels, min_points))
+        part = Partition.block(levels, size)
+        if reverse:
+            part = part.reversed(levels)
+        return cls(n_intervals, cfactor, max_levels, min_points, bool(reverse), size, rank,
+                   levels, part)
+
+    @property
+    def position(self) -> int:
+        """This rank's position in solver time order."""
+        return self.position_of(self.rank)
+
+    def position_of(self, rank: int) -> int:
+        return self.size - 1 - rank if self.reverse else rank
+
+    def rank_of(self, position: int) -> int:
+        """The rank at ``position`` (positions and ranks map both ways the same)."""
+        return self.size - 1 - position if self.reverse else position
+
+    def range(self, level: int) -> LevelRange:
+        """What this rank owns on ``level`` (solver indices)."""
+        return self.partition.range(level, self.position)
+
+    @property
+    def fine_range(self) -> LevelRange:
+        return self.range(0)
+
+    @property
+    def c_rows(self) -> slice:
+        """This rank's level-1 points (its fine C-points, point 0 included) as rows
+        of its fine values: all that an initial F-sweep reads of a guess."""
+        m, lo, hi = self.cfactor, self.fine_range.lo, self.fine_range.hi
+        k0 = _ceil_div(lo, m) * m - lo
+        return slice(k0, max(hi - lo, k0), m)
+
+    @property
+    def c_first(self) -> int:
+        """Solver index of the first of :attr:`c_rows`."""
+        return self.fine_range.lo + self.c_rows.start
+
+    def fine_point(self, s: int) -> int:
+        """The forward fine point of solver point ``s``."""
+        return self.n_intervals - s if self.reverse else s

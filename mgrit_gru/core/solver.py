@@ -39,6 +39,21 @@ the first C-relaxation of the next cycle, so it costs no extra step.
 
 Steps are counted per level on every rank (``SolveInfo.steps``): they are the
 currency of the performance model in docs/performance.md.
+
+The stepper (``mgrit_gru.core.stepper``) adds the right-hand side itself
+(``step(u, t_from, t_to, level, rhs, out=)``), allocates every tensor the
+solver holds (``zeros``, ``clone``: the solver runs on the stepper's device)
+and is told at the end of each solve which of this rank's final fine values
+its last fine step used (``access``).  For that the solver keeps, on the fine
+level only, one host-side flag per owned point (a ``bytearray``, no tensor):
+set when a fine step is taken from the point, cleared whenever the point's
+value is written (sweeps, C-relaxation, coarse correction, nested iteration,
+guesses).
+
+The grid and partition come first (:meth:`MGRIT.make_grid`, a
+:class:`~mgrit_gru.core.grid.TimeGrid`): a stepper that needs them (the
+adjoint linearises this rank's steps of every level) is built from the same
+grid as the solver, which takes its stepper at construction.
 """
 from __future__ import annotations
 
@@ -51,7 +66,7 @@ import torch
 
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
-from mgrit_gru.core.grid import Level, LevelRange, Partition, block_ranges, make_hierarchy
+from mgrit_gru.core.grid import Level, LevelRange, TimeGrid
 
 
 @dataclass(frozen=True)
@@ -126,16 +141,24 @@ class SolveInfo:
         }
 
 
-class _LevelData:
-    """Per-level state of one rank: its points' values, right-hand side, ghost."""
+#: Tag phases of the solver's messages (tag = 16 * level + phase).
+_HALO_PHASE = 7
 
-    def __init__(self, level: Level, rng: LevelRange, shape, dtype):
+
+class _LevelData:
+    """Per-level state of one rank: its points' values, right-hand side, ghost.
+
+    On the fine level ``fresh[k]`` (host-side) says whether the last fine step
+    taken from row ``k`` used its current value (see the module docstring)."""
+
+    def __init__(self, level: Level, rng: LevelRange, stepper):
         self.level = level
         self.rng = rng
-        self.u = torch.zeros((rng.size, *shape), dtype=dtype)
+        self.u = stepper.zeros(rng.size)
         self.g: torch.Tensor | None = None   # None: zero right-hand side (except point 0)
         self.v: torch.Tensor | None = None   # restricted values (FAS correction)
-        self.ghost = torch.zeros(shape, dtype=dtype)
+        self.ghost = stepper.zeros()
+        self.fresh: bytearray | None = bytearray(rng.size) if level.index == 0 else None
         m = level.cfactor
         self.c_rows = [j - rng.lo for j in range(rng.lo, rng.hi) if j % m == 0 and j > 0]
         # the same rows as a strided slice (views instead of gathers)
@@ -145,70 +168,103 @@ class _LevelData:
         k0 = -(-rng.lo // m) * m - rng.lo
         self.c_slice_all = slice(k0, max(rng.size, k0), m)
 
+    def written(self, rows: slice) -> None:
+        """Rows ``rows`` of the fine values were written: their steps are stale."""
+        if self.fresh is not None:
+            n = len(range(*rows.indices(self.rng.size)))
+            if n:
+                self.fresh[rows] = bytes(n)
+
 
 class MGRIT:
     """FAS MGRIT for one stepper on one time communicator.
 
-    ``reverse=True`` solves in reversed time: point ``s`` of the solver is
-    fine point ``N - s`` of the forward grid and is owned by the rank that
-    owns that forward point; rank order is reversed (used for adjoints).
+    ``grid``: the :class:`~mgrit_gru.core.grid.TimeGrid` of the solve (from
+    :meth:`make_grid`), or the number of fine intervals ``N`` (the grid is
+    then made here, in reversed time if ``reverse``).  In reversed time point
+    ``s`` of the solver is fine point ``N - s`` of the forward grid and is
+    owned by the rank that owns that forward point; rank order is reversed
+    (used for adjoints).  The stepper is fixed at construction.
     """
 
-    def __init__(self, stepper, comm: Comm | None, n_intervals: int, settings: MGRITSettings,
-                 reverse: bool = False, log: Callable[[str], None] | None = None):
-        """``stepper`` may be set later (``solver.stepper = ...``), before :meth:`solve`:
-        a stepper may need the partition (``fine_range``, ``partition``) to be built."""
-        self.stepper = stepper
+    def __init__(self, stepper, comm: Comm | None, grid: TimeGrid | int, settings: MGRITSettings,
+                 reverse: bool | None = None, log: Callable[[str], None] | None = None):
+        missing = [name for name in ("step", "zeros", "clone") if not callable(getattr(stepper, name, None))]
+        if missing:
+            raise TypeError(f"the stepper {type(stepper).__name__} lacks {', '.join(missing)} "
+                            f"(see mgrit_gru.core.stepper; StepperBase provides zeros and clone)")
         self.comm = comm or Comm.serial()
         self.settings = settings
-        self.N = n_intervals
-        self.reverse = reverse
-        self.levels = make_hierarchy(n_intervals, settings.cfactor, settings.levels, settings.min_coarse_points)
-        P = self.comm.size
-        fwd = block_ranges(n_intervals + 1, P)
-        if reverse:
-            ranges = [(n_intervals - hi + 1, n_intervals - lo + 1) for lo, hi in reversed(fwd)]
-            self._rank_of = lambda q: P - 1 - q
-            self.position = P - 1 - self.comm.rank
-        else:
-            ranges = fwd
-            self._rank_of = lambda q: q
-            self.position = self.comm.rank
-        self.partition = Partition(self.levels, ranges)
-        self.fine_range = self.partition.range(0, self.position)   # in solver (possibly reversed) indices
+        if not isinstance(grid, TimeGrid):
+            grid = self.make_grid(self.comm, int(grid), settings, bool(reverse))
+        elif reverse is not None and bool(reverse) != grid.reverse:
+            raise ValueError(f"reverse={reverse} contradicts the grid's reverse={grid.reverse}")
+        want = (settings.cfactor, settings.levels, settings.min_coarse_points, self.comm.size, self.comm.rank)
+        have = (grid.cfactor, grid.max_levels, grid.min_points, grid.size, grid.rank)
+        if want != have:
+            raise ValueError(f"the grid (cfactor, levels, min points, size, rank) {have} does not "
+                             f"match the settings and communicator {want}")
+        self.grid = grid
+        self._stepper = stepper
+        self._access = getattr(stepper, "access", None)
+        self.shape = tuple(stepper.state_shape)
+        self.dtype = stepper.dtype
         self.log = log or print
         self._data: list[_LevelData] | None = None
         self.steps = [0] * len(self.levels)
-        # this rank's level-1 points (its fine C-points, point 0 included) as rows of
-        # its fine values: all that an initial F-sweep reads of an initial guess
-        m = settings.cfactor
-        lo, hi = self.fine_range.lo, self.fine_range.hi
-        k0 = -(-lo // m) * m - lo
-        self.c_rows = slice(k0, max(hi - lo, k0), m)
-        self.c_first = lo + k0           # solver index of the first of them
+
+    @classmethod
+    def make_grid(cls, comm: Comm | None, n_intervals: int, settings: MGRITSettings,
+                  reverse: bool = False) -> TimeGrid:
+        """The grid and partition of a solve of ``n_intervals`` intervals with
+        ``settings`` on ``comm``, before any stepper exists."""
+        comm = comm or Comm.serial()
+        return TimeGrid.build(n_intervals, settings.cfactor, settings.levels, comm.size, comm.rank,
+                              reverse=reverse, min_points=settings.min_coarse_points)
+
+    # the grid's answers, as attributes of the solver
+    stepper = property(lambda self: self._stepper, doc="The stepper (fixed at construction).")
+    N = property(lambda self: self.grid.n_intervals)
+    reverse = property(lambda self: self.grid.reverse)
+    levels = property(lambda self: self.grid.levels)
+    partition = property(lambda self: self.grid.partition)
+    position = property(lambda self: self.grid.position)
+    fine_range = property(lambda self: self.grid.fine_range,
+                          doc="This rank's fine points, in solver (possibly reversed) indices.")
+    c_rows = property(lambda self: self.grid.c_rows,
+                      doc="This rank's level-1 points as rows of its fine values.")
+    c_first = property(lambda self: self.grid.c_first, doc="Solver index of the first c_rows point.")
 
     # ------------------------------------------------------------------ helpers
     def _tag(self, level: int, phase: int) -> int:
         return 16 * level + phase
 
-    def _step(self, L: _LevelData, prev: torch.Tensor, j: int, out: torch.Tensor) -> torch.Tensor:
-        """out = Phi(prev) from level point j-1 to j (no right-hand side)."""
+    def _rank_of(self, position: int) -> int:
+        return self.grid.rank_of(position)
+
+    def _step(self, L: _LevelData, k: int, out: torch.Tensor,
+              rhs: torch.Tensor | None = None) -> torch.Tensor:
+        """out = Phi(value before row k) + rhs, from level point lo+k-1 to lo+k."""
+        j = L.rng.lo + k
         s = L.level.stride
         self.steps[L.level.index] += 1
-        return self.stepper.step(prev, (j - 1) * s, j * s, L.level.index, out)
+        if k == 0:
+            prev = L.ghost
+        else:
+            prev = L.u[k - 1]
+            if L.fresh is not None:
+                L.fresh[k - 1] = 1
+        return self._stepper.step(prev, (j - 1) * s, j * s, L.level.index, rhs, out=out)
 
     def _run(self, L: _LevelData, a: int, b: int) -> None:
         """Sequential sweep over level points a..b-1: u_j = Phi(u_{j-1}) + g_j."""
         lo = L.rng.lo
-        u, g = L.u, L.g
-        for j in range(a, b):
-            if j == 0:
-                continue
+        u, g, fresh = L.u, L.g, L.fresh
+        for j in range(max(a, 1), b):
             k = j - lo
-            prev = L.ghost if k == 0 else u[k - 1]
-            self._step(L, prev, j, u[k])
-            if g is not None:
-                u[k] += g[k]
+            self._step(L, k, u[k], None if g is None else g[k])
+            if fresh is not None:
+                fresh[k] = 0
 
     def _ghost_exchange(self, L: _LevelData, need: Callable[[int], bool], phase: int) -> None:
         """Give the right neighbour my last value if its first point needs it; get mine."""
@@ -228,11 +284,31 @@ class MGRIT:
                   need: Callable[[int], bool]) -> torch.Tensor:
         """out[i] = Phi(u at point (lo + rows[i]) - 1); ghost exchanged as needed."""
         self._ghost_exchange(L, need, phase)
-        u = L.u
         for i, k in enumerate(rows):
-            prev = L.ghost if k == 0 else u[k - 1]
-            self._step(L, prev, L.rng.lo + k, out[i])
+            self._step(L, k, out[i])
         return out
+
+    def halo(self, u: torch.Tensor, out: torch.Tensor) -> bool:
+        """The value at the solver point just before this rank's first fine point.
+
+        ``u`` are this rank's fine values (e.g. a solution of :meth:`solve`,
+        rows in solver order): its last row goes to the rank owning the next
+        solver point, and ``out`` receives the value at point ``lo - 1`` from
+        the rank owning it (the solver's rank mapping and tag space: in a
+        reversed solve these are the forward neighbours the other way round).
+        Collective over the neighbours; returns False (``out`` untouched) on
+        the rank owning point 0.
+        """
+        r = self.fine_range
+        tag = self._tag(0, _HALO_PHASE)
+        req = None
+        if r.right is not None:
+            req = self.comm.isend(u[-1], self._rank_of(r.right), tag)
+        if r.left is not None:
+            self.comm.recv(out, self._rank_of(r.left), tag)
+        if req is not None:
+            req.wait()
+        return r.left is not None
 
     # ------------------------------------------------------------- relaxation
     def _f_relax(self, L: _LevelData) -> None:
@@ -270,7 +346,7 @@ class MGRIT:
         """C-point residuals r = g + Phi(u_{j-1}) - u_j at this rank's C-points (j > 0)."""
         m = L.level.cfactor
         rows = L.c_rows
-        r = torch.empty((len(rows), *self.shape), dtype=self.dtype)
+        r = L.u.new_empty((len(rows), *self.shape))
         self._phi_prev(L, rows, r, phase, lambda j: j % m == 0)
         if rows:
             r -= L.u[L.c_slice]
@@ -286,6 +362,7 @@ class MGRIT:
             r = self._residual(L, phase=2)
             if L.c_rows:
                 L.u[L.c_slice] += r
+                L.written(L.c_slice)
             self._f_relax(L)
 
     def _sequential(self, L: _LevelData) -> None:
@@ -305,14 +382,14 @@ class MGRIT:
         """Restrict level l's C-point values and residual, cycle level l+1, correct level l."""
         F, C = self._data[l], self._data[l + 1]
         # injection: the coarse points are exactly this rank's C-points of level l
-        C.v = F.u[F.c_slice_all].clone()
+        C.v = self._stepper.clone(F.u[F.c_slice_all])
         C.u.copy_(C.v)
         # FAS right-hand side: g_c = R r + A_c(v),  A_c(v)_j = v_j - Phi_c(v_{j-1});
         # the rows j > 0 of level l+1 are level l's residual rows, in the same order
-        g = C.v.clone()
+        g = self._stepper.clone(C.v)
         k0 = 1 if C.rng.lo == 0 else 0
         rows = list(range(k0, C.rng.size))
-        phi = torch.empty((len(rows), *self.shape), dtype=self.dtype)
+        phi = C.u.new_empty((len(rows), *self.shape))
         self._phi_prev(C, rows, phi, phase=4, need=lambda j: j > 0)
         if rows:
             g[k0:] += r - phi
@@ -320,6 +397,7 @@ class MGRIT:
         self._cycle(l + 1, first, kind)
         if C.rng.size:
             F.u[F.c_slice_all] += C.u - C.v
+            F.written(F.c_slice_all)
         self._f_relax(F)
 
     def _cycle(self, l: int, first: bool, kind: str) -> None:
@@ -358,22 +436,20 @@ class MGRIT:
         own initial values (zeros, or nested iteration's) only where true
         (e.g. the sequences of a batch that have a warm start).  With a
         guess the initial F-relaxation always runs.
-        Rows are in solver order (reversed time if ``reverse``).
+        Rows are in solver order (reversed time if ``reverse``).  Tensors
+        given on another device or dtype are moved to the stepper's.  At the
+        end the stepper's ``access`` (if any) gets the final fine values.
         """
         s = self.settings
         t_start = time.perf_counter()
-        self.shape = tuple(self.stepper.state_shape)
-        self.dtype = self.stepper.dtype
         self.steps = [0] * len(self.levels)
-        self._data = [
-            _LevelData(lev, self.partition.range(lev.index, self.position), self.shape, self.dtype)
-            for lev in self.levels
-        ]
+        self._data = [_LevelData(lev, self.grid.range(lev.index), self._stepper) for lev in self.levels]
         fine = self._data[0]
+        here = fine.u
         if u_init is not None:
             fine.u.copy_(u_init)
         if rhs is not None:
-            fine.g = rhs
+            fine.g = rhs.to(device=here.device, dtype=here.dtype)
         if fine.rng.lo == 0:
             if u0 is not None:
                 fine.u[0] = u0
@@ -397,7 +473,8 @@ class MGRIT:
             if guess_mask is None:
                 view.copy_(guess_c)
             else:
-                view.copy_(torch.where(guess_mask, guess_c, view))
+                view.copy_(torch.where(guess_mask.to(here.device), guess_c.to(here), view))
+            fine.written(self.c_rows)
             if fine.rng.lo == 0:
                 fine.u[0] = 0 if u0 is None else u0
         # skip_first_relax skips the sweep from an initial guess of zeros only
@@ -428,6 +505,7 @@ class MGRIT:
             if s.relax_on(0) == "FCF" and not first:
                 if fine.c_rows:
                     fine.u[fine.c_slice] += r          # C-relaxation from the residual just computed
+                    fine.written(fine.c_slice)
                 self._f_relax(fine)
                 r = self._residual(fine, phase=5)
             self._coarse_correct(0, r, first, kind)
@@ -459,14 +537,17 @@ class MGRIT:
             F, C = data[l], data[l + 1]
             if C.rng.size:
                 F.u[F.c_slice_all] = C.u
+                F.written(F.c_slice_all)
             if l > 0:
                 # one cycle of level l's own problem; its first F-sweep interpolates
                 self._cycle(l, False, kind)
 
     def _finish(self, fine: _LevelData, info: SolveInfo, t_start: float):
+        u = fine.u
+        if self._access is not None:
+            self._access(u, fine.rng.lo, bytes(fine.fresh))
         info.steps = list(self.steps)
         info.seconds = time.perf_counter() - t_start
-        u = fine.u
         self._data = None
         return u, info
 

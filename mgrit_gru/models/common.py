@@ -28,7 +28,12 @@ def as_pooling(pooling: str | Pooling) -> Pooling:
 
 
 def check_inputs(cell: RecurrentCell, x: Tensor, lengths, pooling) -> tuple[Tensor, int]:
-    """Validate a batch; return the lengths (int64 ``[B]``) and ``max(lengths)``."""
+    """Validate a batch; return the lengths (int64 ``[B]``, on the host) and ``max(lengths)``.
+
+    ``x`` must have the dtype and device of the cell's parameters.  The
+    lengths stay on the host on purpose: they are index bookkeeping (loop
+    bounds, windows), read there without a device synchronisation.
+    """
     if isinstance(pooling, Pooling):
         pooling = pooling.kind
     if pooling not in POOLINGS:
@@ -37,14 +42,17 @@ def check_inputs(cell: RecurrentCell, x: Tensor, lengths, pooling) -> tuple[Tens
         shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise InputError(
             f"x: expected a [batch, time, {cell.input_size}] tensor, got {shape}")
-    if x.dtype != cell.weight_ih.dtype:
-        raise InputError(f"x: dtype {x.dtype} does not match the model's {cell.weight_ih.dtype}")
+    first = next(cell.parameters())
+    if x.dtype != first.dtype:
+        raise InputError(f"x: dtype {x.dtype} does not match the model's {first.dtype}")
+    if x.device != first.device:
+        raise InputError(f"x: device {x.device} does not match the model's {first.device}")
     B, T = x.shape[0], x.shape[1]
     if B == 0 or T == 0:
         raise InputError(f"x: empty batch of shape {list(x.shape)}")
     if lengths is None:
-        return torch.full((B,), T, dtype=torch.int64), T
-    lengths = torch.as_tensor(lengths)
+        return torch.full((B,), T, dtype=torch.int64, device="cpu"), T   # host: bookkeeping
+    lengths = torch.as_tensor(lengths, device="cpu")   # host: index bookkeeping
     if lengths.shape != (B,) or lengths.is_floating_point() or lengths.is_complex():
         raise InputError(f"lengths: expected {B} integers, got a {lengths.dtype} tensor "
                          f"of shape {list(lengths.shape)}")
@@ -62,8 +70,10 @@ def param_names(cell: RecurrentCell) -> tuple[str, ...]:
 
 
 def flush_is_on() -> bool:
-    """Whether this thread flushes float32 subnormals to zero (probe: 1e-40 * 1)."""
-    return bool(torch.full((), 1e-40, dtype=torch.float32) * 1.0 == 0)
+    """Whether this thread flushes float32 subnormals to zero (probe: 1e-40 * 1).
+
+    A CPU probe on purpose: the flush mode is the CPU thread's."""
+    return bool(torch.full((), 1e-40, dtype=torch.float32, device="cpu") * 1.0 == 0)
 
 
 @contextlib.contextmanager

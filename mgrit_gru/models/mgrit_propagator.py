@@ -30,6 +30,10 @@ forward states and adjoints of each sequence at this rank's level-1 points
 initial guess of that sequence's solves in the next epoch.  A batch shorter
 than the number of time ranks is computed by the serial recurrence on every
 rank (``last_stats["serial_fallback"]``).
+
+Devices: every tensor follows the device and dtype of ``x`` (which must be
+the cell's); the communicator stages device tensors through host buffers (or
+passes them to a CUDA-aware MPI).  Warm starts are kept on that device too.
 """
 
 from __future__ import annotations
@@ -130,8 +134,9 @@ class WarmStarts:
     def __contains__(self, key) -> bool:
         return key in self._entries
 
-    def guess(self, kind: str, ids, first: int, m: int, n_total: int, shape, dtype):
-        """``(guess [n, B, S], mask [n, B, 1])`` for the sequences ``ids``, or ``(None, None)``."""
+    def guess(self, kind: str, ids, first: int, m: int, n_total: int, shape, dtype, device=None):
+        """``(guess [n, B, S], mask [n, B, 1])`` for the sequences ``ids``, or ``(None, None)``
+        (on ``device``)."""
         n, B = shape[0], shape[1]
         guess = mask = None
         for b, key in enumerate(ids):
@@ -145,8 +150,8 @@ class WarmStarts:
             if a >= z:
                 continue
             if guess is None:
-                guess = torch.zeros(shape, dtype=dtype)
-                mask = torch.zeros((n, B, 1), dtype=torch.bool)
+                guess = torch.zeros(shape, dtype=dtype, device=device)
+                mask = torch.zeros((n, B, 1), dtype=torch.bool, device=device)
             rows = slice((a - first) // m, (z - first) // m)
             guess[rows, b] = vals[(a - f0) // m:(z - f0) // m]
             mask[rows, b] = True
@@ -179,7 +184,7 @@ class _MGRITFunction(torch.autograd.Function):
 
         # features: this rank's share, summed over time ranks; the forward's step
         # count rides along in the same allreduce
-        buf = torch.zeros(B * H + 1, dtype=x.dtype)
+        buf = x.new_zeros(B * H + 1)
         feat = buf[:-1].view(B, H)
         as_pooling(pooling).features(cell.hidden(h), lengths, lo, out=feat)
         buf[-1] = sum(prop.last_info["fwd"].steps)
@@ -203,16 +208,17 @@ class _MGRITFunction(torch.autograd.Function):
         B, S = h.shape[1], h.shape[2]
         g_feat = g_feat.detach()
         # loss gradient w.r.t. the states of this rank's points (the adjoint's sources)
-        src = torch.zeros(hi - lo, B, S, dtype=h.dtype)
+        src = h.new_zeros(hi - lo, B, S)
         as_pooling(ctx.pooling).sources(g_feat, lengths, lo, out=cell.hidden(src))
-        bwd_solver = MGRIT(None, comm, N, prop.options.settings(True), reverse=True, log=prop.log)
+        settings = prop.options.settings(True)
+        grid = MGRIT.make_grid(comm, N, settings, reverse=True)
         # the parameters of the forward, whatever the cell holds now; adjoints decay
         # through long sequences: float32 subnormals would make every step slow
         with torch.no_grad(), bound_params(cell, dict(zip(names, params))), \
                 flushing_denormals(h.dtype == torch.float32):
-            adj = CellAdjointStepper(cell, bwd_solver, h, lo, xw, first_input, B, hw=ctx.hw,
-                                    inputs=ctx.inputs)
-            bwd_solver.stepper = adj
+            adj = CellAdjointStepper(cell, grid, h, lo, xw, first_input, B, hw=ctx.hw,
+                                     inputs=ctx.inputs)
+            bwd_solver = MGRIT(adj, comm, grid, settings, log=prop.log)
             # solver rows run in reversed time: row k is forward point hi-1-k
             rhs = src.flip(0)
             u0 = rhs[0] if hi - 1 == N else None
@@ -221,16 +227,11 @@ class _MGRITFunction(torch.autograd.Function):
             prop._record("bwd", info)
             prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev, g_feat)
             lam = lam_rev.flip(0)                  # lam[t - lo], t = lo..hi-1
-            # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}: get lam_hi
-            lam_next = torch.empty(hi - lo, B, S, dtype=h.dtype)
+            # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}: lam at
+            # forward point hi is the solver point just before this rank's first one
+            lam_next = h.new_empty(hi - lo, B, S)
             lam_next[:-1] = lam[1:]
-            req = None
-            if lo > 0:
-                req = comm.isend(lam[0].contiguous(), comm.rank - 1, tag=900)
-            if hi <= N:
-                comm.recv(lam_next[-1], comm.rank + 1, tag=900)
-            if req is not None:
-                req.wait()
+            bwd_solver.halo(lam_rev, lam_next[-1])
             # the steps t -> t+1 owned here (t = lo..min(hi, N)-1) were linearised
             # for the adjoint's fine level: reuse them.  One buffer for the
             # allreduce: parameter gradients, the input gradient (if wanted) and
@@ -239,7 +240,7 @@ class _MGRITFunction(torch.autograd.Function):
             n_par = sum(p.numel() for p in params)
             want_x = ctx.needs_input_grad[2]
             n_x = x.numel() if want_x else 0
-            flat = torch.zeros(n_par + n_x + 1, dtype=h.dtype)
+            flat = h.new_zeros(n_par + n_x + 1)
             views, offset = [], 0
             for shape in shapes:
                 n = math.prod(shape)
@@ -328,7 +329,7 @@ class MGRITPropagator:
         if n == 0:
             return None, None
         guess, mask = self.warm.guess(kind, ids, solver.c_first, solver.settings.cfactor, N,
-                                      (n, *state), dtype)
+                                      (n, *state), dtype, solver.stepper.device)
         if guess is not None and g_feat is not None:
             old = torch.zeros_like(g_feat)
             for b, key in enumerate(ids):
@@ -370,9 +371,10 @@ class MGRITPropagator:
                 f"--time-ranks {self.comm.size} is more than the sequence length {N}: "
                 f"use at most {N} time ranks")
         self._check_tolerances(x.dtype)
-        solver = MGRIT(None, self.comm, N, self.options.settings(False), log=self.log)
-        lo, hi = solver.fine_range.lo, solver.fine_range.hi
-        max_stride = solver.levels[-1].stride
+        settings = self.options.settings(False)
+        grid = MGRIT.make_grid(self.comm, N, settings)
+        lo, hi = grid.fine_range.lo, grid.fine_range.hi
+        max_stride = grid.levels[-1].stride
         # inputs this rank reads: x[lo-1 .. hi-1) plus a halo for the coarse steps
         # (the left one for interval means, the right one for the adjoint's steps)
         first_input = max(lo - max_stride, 0)
@@ -381,22 +383,18 @@ class MGRITPropagator:
         xw = cell.input_projection(x_tm)
         inputs = Inputs(xw, first_input, self.options.coarse_input)
         B = x.shape[0]
-        hw = torch.empty(hi - lo, B, cell.proj_size, dtype=x.dtype)
+        hw = x.new_empty(hi - lo, B, cell.proj_size)
         stepper = CellForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
-        solver.stepper = stepper
+        solver = MGRIT(stepper, self.comm, grid, settings, log=self.log)
         guess, mask = self._guess("fwd", ids, solver, N, (B, cell.state_size), x.dtype)
         with flushing_denormals(x.dtype == torch.float32):
             h, info = solver.solve(guess_c=guess, guess_mask=mask)
         self._record("fwd", info)
         self._keep("fwd", ids, solver, N, h)
         self.last_stats["serial_fallback"] = 0.0
-        # valid only if the solve ended with its final residual (the sweep after
-        # the last correction then stepped from every final state) and every
-        # owned point but the last was stepped from
-        if self.options.final_residual and bool(stepper.hw_written[:-1].all()):
-            cell.hidden_projection(cell.hidden(h[-1]), out=hw[-1])
-        else:
-            hw = None
+        # the stepper's access hook made hw the hidden projections of the final
+        # states (recomputing those whose last step was stale)
+        assert stepper.hw_exact
         return lo, hi, first_input, x_tm, xw, h, hw, inputs
 
     @torch.no_grad()
@@ -407,8 +405,8 @@ class MGRITPropagator:
         points ``lo..hi-1`` and ``h [hi-lo, B, S]`` are their states; ``x_tm``/``xw``
         are the inputs (time-major) and input projections it read, from input
         ``first_input`` on (its chunk plus the halos its coarse steps need);
-        ``hw`` are the hidden projections of the final states (None when the
-        solve did not end with a sweep from every final state).
+        ``hw`` are the hidden projections of the final states (exact: those
+        the last sweep did not compute from a final state are recomputed).
         """
         N = x.shape[1] if steps is None else steps
         return self._solve(cell, x, N)[:7]

@@ -17,7 +17,8 @@ Kinds (``POOLINGS``):
     the mean of the hidden states at points ``1 .. lengths[b]``.
 
 Points past a sequence's length never reach its features or gradients; point
-0 (the initial state) never does.
+0 (the initial state) never does.  The lengths may stay on the host (index
+bookkeeping); the results follow the device and dtype of the hidden states.
 
 A loss at every time step (per-step outputs, e.g. sequence labelling) fits
 the same two methods: its features are the hidden states themselves
@@ -60,10 +61,11 @@ class Pooling:
         return w.unsqueeze(-1)
 
     def _owned(self, lengths: Tensor, lo: int, n: int, device) -> tuple[Tensor, Tensor]:
-        """``(rows, batch)``: the rows of the window holding the last points it owns."""
-        lens = lengths.to(device)
-        batch = torch.nonzero((lens >= lo) & (lens < lo + n)).flatten()
-        return lens[batch] - lo, batch
+        """``(rows, batch)`` on ``device``: the rows of the window holding the last
+        points it owns.  Found where the lengths are (the host, usually: no
+        device synchronisation), then moved."""
+        batch = torch.nonzero((lengths >= lo) & (lengths < lo + n)).flatten()
+        return (lengths[batch] - lo).to(device), batch.to(device)
 
     def features(self, h: Tensor, lengths: Tensor, lo: int = 1, out: Tensor | None = None) -> Tensor:
         """The window's share ``[B, H]`` of the features of ``h [n, B, H]`` (points

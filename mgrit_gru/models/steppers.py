@@ -1,5 +1,12 @@
 """The time steppers of a recurrent cell for the MGRIT solver: forward steps
-and the adjoint's transposed-Jacobian steps (any cell of ``models.cells``)."""
+and the adjoint's transposed-Jacobian steps (any cell of ``models.cells``).
+
+Both implement the protocol of ``mgrit_gru.core.stepper`` (``step`` with the
+right-hand side, ``zeros``/``clone``, ``access``) and use only the cell API
+(``input_projection``, ``hidden_projection``, ``step``, ``linearize``,
+``vjp_state``, ``hidden``, ``state_size``, ``proj_size``).  Every tensor they
+make follows the device and dtype of the input projections / states.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mgrit_gru.core.solver import MGRIT
+from mgrit_gru.core.grid import TimeGrid
+from mgrit_gru.core.stepper import StepperBase
 from mgrit_gru.models.cells import RecurrentCell, select_lin
 
 __all__ = ["CellAdjointStepper", "CellForwardStepper", "Inputs"]
@@ -28,7 +36,7 @@ class Inputs:
         self._cum = None
         self._level: dict[int, tuple[int, Tensor]] = {}
         if mode == "mean":
-            cum = torch.zeros((xw.shape[0] + 1, *xw.shape[1:]), dtype=torch.float64)
+            cum = xw.new_zeros((xw.shape[0] + 1, *xw.shape[1:]), dtype=torch.float64)
             torch.cumsum(xw, 0, dtype=torch.float64, out=cum[1:])
             self._cum = cum
 
@@ -48,24 +56,26 @@ class Inputs:
         if entry is None:
             j0 = -(-(self.first + k) // k)
             j1 = (self.first + self.xw.shape[0]) // k
-            ends = torch.arange(j0, max(j1 + 1, j0)) * k
+            ends = torch.arange(j0, max(j1 + 1, j0), device=self.xw.device) * k
             entry = self._level[k] = (j0, self.interval(ends, k))
         j0, means = entry
         return means[t_to // k - j0]
 
 
-class CellForwardStepper:
+class CellForwardStepper(StepperBase):
     """Forward steps of a cell on a rank's chunk.
 
     ``xw[i]`` is the input projection of input ``x[first_input + i]``; the step
     to fine point ``t`` reads input ``t - 1`` (the interval's end point).
 
-    With ``hw`` (a ``[hi - lo, B, G*H]`` buffer for the rank's points ``lo..hi-1``)
-    every fine step from an owned point writes its hidden projection
-    ``h_t W_hh^T + b_hh`` there: the last sweep of a solve that ends with its
-    final residual has then stepped from every owned point's final state except
-    the last one (whose step belongs to the right neighbour), and the adjoint's
-    linearisation reuses them instead of recomputing the GEMMs.
+    With ``hw`` (a ``[hi - lo, B, proj_size]`` buffer for the rank's points
+    ``lo..hi-1``) every fine step from an owned point writes its hidden
+    projection ``hw_t`` (``h_t W_hh^T + b_hh`` for one cell) there, and at the
+    end of the solve :meth:`access` recomputes, in one batched call of
+    ``cell.hidden_projection``, the rows whose last fine step did not use the
+    final state (the solver's ``fresh`` flags): ``hw`` then holds exactly the
+    hidden projections of the final states, which the adjoint's linearisation
+    reuses instead of recomputing the GEMMs.  (``hw_exact`` says it has.)
     """
 
     def __init__(self, cell: RecurrentCell, xw: Tensor, first_input: int, batch: int,
@@ -76,19 +86,43 @@ class CellForwardStepper:
         self.inputs = inputs or Inputs(xw, first_input)
         self.state_shape = (batch, cell.state_size)
         self.dtype = xw.dtype
+        self.device = xw.device
         self.hw, self.lo = hw, lo
-        self.hw_written = torch.zeros(0 if hw is None else hw.shape[0], dtype=torch.bool)
+        self.hw_exact = False
 
-    def step(self, u, t_from, t_to, level, out):
+    def step(self, u, t_from, t_to, level, rhs=None, *, out):
+        k = t_to - t_from
         hw_out = None
-        if self.hw is not None and t_to - t_from == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
+        if self.hw is not None and k == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
             hw_out = self.hw[t_from - self.lo]
-            self.hw_written[t_from - self.lo] = True
-        return self.cell.step(self.inputs.at_multiple(t_to, t_to - t_from), u,
-                              float(t_to - t_from), out=out, hw_out=hw_out)
+        self.cell.step(self.inputs.at_multiple(t_to, k), u, float(k), out=out, hw_out=hw_out)
+        if rhs is not None:
+            out += rhs
+        return out
+
+    def access(self, u: Tensor, first: int, fresh: bytes) -> None:
+        """Recompute the hidden projections of the rows whose last step was stale."""
+        self.hw_exact = False
+        hw = self.hw
+        if hw is None:
+            return
+        if first != self.lo or u.shape[0] != hw.shape[0]:
+            raise ValueError(f"access: rows {first}..{first + u.shape[0] - 1} are not the "
+                             f"stepper's {self.lo}..{self.lo + hw.shape[0] - 1}")
+        stale = [k for k, f in enumerate(fresh) if not f]
+        if stale:
+            cell = self.cell
+            a, b = stale[0], stale[-1] + 1
+            if b - a == len(stale):          # one contiguous run (often just the last row)
+                cell.hidden_projection(cell.hidden(u[a:b]), out=hw[a:b])
+            else:
+                # stale rows are index bookkeeping: the list is on the host, the index on u's device
+                rows = torch.tensor(stale, dtype=torch.long, device=u.device)
+                hw.index_copy_(0, rows, cell.hidden_projection(cell.hidden(u.index_select(0, rows))))
+        self.hw_exact = True
 
 
-class CellAdjointStepper:
+class CellAdjointStepper(StepperBase):
     """Adjoint steps in reversed time ``s = N - t``.
 
     The step from solver point ``s-k`` to ``s`` maps ``lam`` at forward point
@@ -99,20 +133,28 @@ class CellAdjointStepper:
     one call; small chunks keep the temporaries in cache), and reused by every
     iteration.  ``fine_chunks`` keeps the level-0 chunks ``(t0, t1, lin)``
     (steps ``t -> t+1``, ``t0 <= t < t1``) for the parameter gradients.
+
+    ``grid`` is the reversed :class:`~mgrit_gru.core.grid.TimeGrid` of the
+    adjoint solve (``MGRIT.make_grid(..., reverse=True)``), made before the
+    stepper and given to the solver as well.  A step with a right-hand side
+    starts from it and accumulates the vector-Jacobian product into it.
     """
 
-    def __init__(self, cell: RecurrentCell, solver: MGRIT, states: Tensor, t_lo: int,
+    def __init__(self, cell: RecurrentCell, grid: TimeGrid, states: Tensor, t_lo: int,
                  xw: Tensor, first_input: int, batch: int, chunk: int = 16,
                  hw: Tensor | None = None, inputs: Inputs | None = None):
+        if not grid.reverse:
+            raise ValueError("the adjoint stepper needs a grid in reversed time")
         inputs = inputs or Inputs(xw, first_input)
         self.cell = cell
-        self.N = solver.N
+        self.N = grid.n_intervals
         self.state_shape = (batch, cell.state_size)
         self.dtype = states.dtype
+        self.device = states.device
         self.lins: list[dict[int, tuple]] = []
         self.fine_chunks: list[tuple[int, int, tuple]] = []
-        for level in solver.levels:
-            rng = solver.partition.range(level.index, solver.position)
+        for level in grid.levels:
+            rng = grid.range(level.index)
             k = level.stride
             # forward start points t of this rank's steps on this level, ascending
             ts = sorted(self.N - j * k for j in range(max(rng.lo, 1), rng.hi))
@@ -126,13 +168,18 @@ class CellAdjointStepper:
                                          hw=None if hw is None else hw[t0 - t_lo:t1 - t_lo])
                     self.fine_chunks.append((t0, t1, lin))
                 else:
-                    t = torch.tensor(tc, dtype=torch.long)
+                    t = torch.tensor(tc, dtype=torch.long, device=states.device)
                     lin = cell.linearize(inputs.interval(t + k, k), states[t - t_lo], float(k))
                 for i, t_i in enumerate(tc):
                     lins[self.N - t_i] = select_lin(lin, i)
             self.lins.append(lins)
 
-    def step(self, u, s_from, s_to, level, out):
-        return out.copy_(self.cell.vjp_state(self.lins[level][s_to], u))
+    def step(self, u, s_from, s_to, level, rhs=None, *, out):
+        lin = self.lins[level][s_to]
+        if rhs is None:
+            return out.copy_(self.cell.vjp_state(lin, u))
+        out.copy_(rhs)
+        self.cell.vjp_state(lin, u, acc=out)
+        return out
 
 
