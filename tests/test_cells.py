@@ -80,6 +80,36 @@ def test_make_cell_rejects_bad_input():
         make_cell("gru", 3, 0)
     with pytest.raises(InputError, match="input_size"):
         make_cell("lstm", 2.5, 4)
+    for layers in (0, -1, 1.5, "2", True):
+        with pytest.raises(InputError, match="layers: expected a positive integer") as err:
+            make_cell("gru", 3, 4, layers=layers)
+        assert "\n" not in str(err.value)
+    assert make_cell("gru", 3, 4, layers=1).layers == 1
+    assert make_cell("gru", 3, 4, layers=2).layers == 2
+
+
+@pytest.mark.parametrize("name,dt", [("implicit-gru", 1.0), ("implicit-gru", 8.0), ("gru", 1.0),
+                                     ("lstm", 1.0), ("rnn", 1.0)])
+def test_shared_work_helpers_of_stacks(name, dt):
+    """What a stack asks of its layers: ``_linearize(want_new=True)`` gives the
+    step's new hidden state with the same ``lin``; ``_vjp_both`` equals
+    ``vjp_state`` and ``vjp_proj``'s ``g_xw`` (with and without ``acc``)."""
+    torch.manual_seed(12)
+    cell = make_cell(name, 3, 5, dtype=F64)
+    x, s, g = torch.randn(4, 3, dtype=F64), _state(cell, 4), _state(cell, 4)
+    with torch.no_grad():
+        xw = cell.input_projection(x)
+        lin, h_new = cell._linearize(xw, s, dt, None, True)
+        assert cell._linearize(xw, s, dt, None, False)[1] is None
+        for a, b in zip(lin, cell.linearize(xw, s, dt)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(h_new, cell.hidden(cell.step(xw, s, dt)), rtol=0, atol=1e-15)
+        prev, g_xw = cell._vjp_both(lin, g)
+        acc0 = _state(cell, 4)
+        acc, _ = cell._vjp_both(lin, g, acc=acc0.clone())
+    torch.testing.assert_close(prev, cell.vjp_state(lin, g), rtol=0, atol=1e-15)
+    torch.testing.assert_close(g_xw, cell.vjp_proj(lin, g)[0], rtol=0, atol=1e-15)
+    torch.testing.assert_close(acc, acc0 + prev, rtol=0, atol=1e-14)
 
 
 # ----------------------------------------------------------- implicit cell
