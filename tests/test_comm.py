@@ -96,3 +96,37 @@ def test_exception_on_one_rank_ends_the_job(tmp_path):
     assert "boom from rank one" in p.stderr
     assert "rank 1" in p.stderr
     assert elapsed < 30, elapsed
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_allreduce_scalar_from_threads_in_opposite_orders():
+    """allreduce_scalar is a buffer allreduce that releases the GIL while it waits:
+    two threads per rank, on two communicators, entered in opposite orders on
+    neighbouring ranks, both finish (a GIL-holding wait would deadlock: each rank's
+    first thread would wait for a thread its neighbour cannot run)."""
+    import threading
+
+    world = Comm.world()
+    if world.size < 2:
+        pytest.skip("needs 2 ranks")
+    a, b = world.split(0, world.rank), world.split(0, world.rank)
+    results = {}
+
+    def reduce(name, comm):
+        results[name] = comm.allreduce_scalar(world.rank + 1.0, "sum")
+
+    order = [("a", a), ("b", b)] if world.rank % 2 == 0 else [("b", b), ("a", a)]
+    threads = []
+    for name, comm in order:
+        t = threading.Thread(target=reduce, args=(name, comm), daemon=True)
+        t.start()
+        threads.append(t)
+        time.sleep(0.3)
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "allreduce_scalar deadlocked"
+    want = world.size * (world.size + 1) / 2
+    assert results == {"a": want, "b": want}
+    assert world.allreduce_scalar(2.5, "max") == 2.5
+    assert world.allreduce_scalar(float(world.rank), "min") == 0.0
