@@ -109,6 +109,21 @@ def test_without_bias_equals_torch(name):
         assert _max_diff(cell.hidden(_states(cell, x)[1:]).transpose(0, 1), ref(x)[0]) <= 1e-6
 
 
+@pytest.mark.parametrize("name", sorted(TORCH))
+def test_from_torch_cell_forms(name):
+    """``nn.GRUCell`` / ``LSTMCell`` / ``RNNCell`` become our single cells."""
+    torch.manual_seed(2)
+    ref = {"gru": nn.GRUCell, "lstm": nn.LSTMCell, "rnn": nn.RNNCell}[name](3, 4)
+    cell = from_torch(ref)
+    assert type(cell) is CELLS[name] and cell.layers == 1
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        want = ref(x)
+        got = cell.step(cell.input_projection(x), cell.initial_state((5,)))
+    want = torch.cat(want, -1) if name == "lstm" else want
+    assert _max_diff(got, want) <= 1e-6
+
+
 def test_implicit_gru_has_no_torch_counterpart():
     cell = make_cell("implicit-gru", 3, 4, layers=2)
     for convert in (to_torch, to_torch_state_dict, lambda c: from_torch_state_dict(c, {})):
@@ -361,6 +376,21 @@ def check_mgrit_layers_equal_serial(comm):
         # the forward states of this rank's points (every layer) are the serial ones
         lo, hi, *_, h, _ = prop.solve_states(cell, x)
         torch.testing.assert_close(h, _states(cell, x)[lo:hi], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("opts", [MGRITOptions(), MGRITOptions(fwd_iters=0),
+                                  MGRITOptions(relax="FCF", cycle="F")])
+def test_mgrit_saved_projections_are_the_top_layers(opts):
+    """The forward's saved ``hw`` (reused by the adjoint) is the top layer's hidden
+    projection of every final state."""
+    torch.manual_seed(21)
+    cell = make_cell("implicit-gru", 3, 4, layers=2, dtype=F64)
+    x = torch.randn(3, 29, 3, dtype=F64)
+    *_, h, hw = MGRITPropagator(None, opts).solve_states(cell, x)
+    with torch.no_grad():
+        for t in range(h.shape[0]):      # step by step: differently blocked GEMMs
+            want = h[t, :, :4] @ cell.weight_hh_l1.T + cell.bias_hh_l1
+            torch.testing.assert_close(hw[t], want, rtol=0, atol=1e-13)
 
 
 def test_mgrit_layers_serial():
