@@ -33,7 +33,8 @@ from mgrit_gru.core.comm import Comm  # noqa: E402
 from mgrit_gru.training.config import make_config  # noqa: E402
 from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
 from mgrit_gru.training.strategies import make_strategy  # noqa: E402
-from mgrit_gru.training.loop import _Stepper, _TensorSplit, build_model, make_optimizer  # noqa: E402
+from mgrit_gru.training.setup import build_model, make_optimizer  # noqa: E402
+from mgrit_gru.training.update import BatchUpdate, TensorSplit  # noqa: E402
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
         name, _, backend = variant.partition(":")
         model = build_model(config, dataset)
         optimizer = make_optimizer(config, model)
-        data = _TensorSplit(dataset.train, torch.float32)
-        step = _Stepper(data, model, Comm.serial())
+        data = TensorSplit(dataset.train, torch.float32)
+        step = BatchUpdate(data, model, Comm.serial())
         workers = 1 if name == "sequential" else args.workers
         strategy = make_strategy(name, workers, backend or "auto")
         tic = time.perf_counter()

@@ -49,8 +49,9 @@ from mgrit_gru.training.config import make_config  # noqa: E402
 from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
 from mgrit_gru.errors import InputError  # noqa: E402
 from mgrit_gru.training.strategies import make_strategy  # noqa: E402
-from mgrit_gru.training.loop import (EVAL_BATCH, _Stepper, _TensorSplit, build_model,  # noqa: E402
-                             evaluate, make_optimizer)
+from mgrit_gru.training.evaluation import EVAL_BATCH, evaluate  # noqa: E402
+from mgrit_gru.training.setup import build_model, make_optimizer  # noqa: E402
+from mgrit_gru.training.update import BatchUpdate, TensorSplit  # noqa: E402
 
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "implicit-gru": "implicit GRU"}
 STRATEGIES = {"sequential": "sequential", "mutex": "mutex",
@@ -97,7 +98,7 @@ class Run:
             pooling=args.pooling, strategy=name, workers=self.workers, threads=1))
         self.model = build_model(self.config, dataset)
         self.optimizer = make_optimizer(self.config, self.model)
-        self.step = _Stepper(train_data, self.model, Comm.serial())
+        self.step = BatchUpdate(train_data, self.model, Comm.serial())
         self.strategy = make_strategy(name, self.workers)
         tic = time.perf_counter()
         self.strategy.start(self.model, self.optimizer, self.step)
@@ -305,8 +306,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tic = time.perf_counter()
     dataset = load_dataset(args.data, max_train=args.max_train, max_test=args.max_test)
-    train_data = _TensorSplit(dataset.train, torch.float32)
-    test_data = _TensorSplit(dataset.test, torch.float32)
+    train_data = TensorSplit(dataset.train, torch.float32)
+    test_data = TensorSplit(dataset.test, torch.float32)
     runs = []
     for cell in cells:
         for record in run_cell(args, cell, strategies, dataset, train_data, test_data):

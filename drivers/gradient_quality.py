@@ -25,7 +25,8 @@ from mgrit_gru.models import MGRITOptions, MGRITPropagator
 from mgrit_gru.training.config import make_config
 from mgrit_gru.data import DEFAULT_DATASET, load_dataset
 from mgrit_gru.models import SerialPropagator
-from mgrit_gru.training.loop import _TensorSplit, build_model
+from mgrit_gru.training.setup import build_model
+from mgrit_gru.training.update import TensorSplit
 
 OLD = dict(relax=("F", "FCF"))
 NEW = dict(nested=True, relax="FCF")
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
                         max_len=config.max_len)
     model = build_model(config, data)
     model.load_state_dict(state["model"])
-    x, y, lengths = _TensorSplit(data.train, getattr(torch, config.dtype)).take(
+    x, y, lengths = TensorSplit(data.train, getattr(torch, config.dtype)).take(
         slice(0, args.batch))
 
     def gradient(prop):

@@ -22,12 +22,12 @@ import torch
 
 from mgrit_gru import cli, limits
 from mgrit_gru.models import cells
-from mgrit_gru.training import loop as train_module
+from mgrit_gru.training import loop as loop_module
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.training.config import INT_MAX, load_config, make_config
 from mgrit_gru.data import Split, load_dataset, make_synthetic, write_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.training.loop import build_model
+from mgrit_gru.training.setup import build_model
 
 
 # --------------------------------------------------------------------------- #
@@ -441,12 +441,12 @@ def test_cgroup_limit_bounds_the_memory(tmp_path, monkeypatch):
     assert limits.available_memory() == 42 * 1024
 
 
-@pytest.mark.skipif("check_resources" not in inspect.getsource(train_module),
-                    reason="train.py does not call limits.check_resources yet")
+@pytest.mark.skipif("check_resources" not in inspect.getsource(loop_module),
+                    reason="the training loop does not call limits.check_resources yet")
 def test_train_rejects_a_huge_hidden_size_before_allocating(tmp_path):
     config = make_config({"data": "synthetic:32", "max_train": 4, "max_test": 4,
                           "hidden": 10 ** 6, "epochs": 1, "out": str(tmp_path / "run")})
-    one_line_error(lambda: train_module.train(config, Comm.serial()), "option hidden")
+    one_line_error(lambda: loop_module.train(config, Comm.serial()), "option hidden")
 
 
 # --------------------------------------------------------------------------- #

@@ -166,6 +166,18 @@ def test_bad_option_exit_2_one_line(args, name, tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_device_cuda_without_a_gpu_exit_2_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", *QUICK, "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mgrit-gru: error: option device (--device)")
+    assert "no CUDA device" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", *QUICK, "--device", "auto", "--out", str(tmp_path / "auto")]) == 0
+    metrics = json.loads((tmp_path / "auto" / "metrics.json").read_text())
+    assert metrics["environment"]["device"] == "cpu" and metrics["config"]["device"] == "auto"
+
+
 def test_bad_options_in_subprocess_no_traceback(tmp_path):
     for args, name in [(["--hidden", "0"], "hidden"), (["--cfactor", "1"], "cfactor")]:
         result = run_cli("train", *args, "--out", str(tmp_path / "run"))

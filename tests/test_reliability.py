@@ -14,14 +14,14 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-import mgrit_gru.training.loop as train_module
+import mgrit_gru.training.loop as loop_module
+from helpers_train import without_times, write_easy_data
+import mgrit_gru.training.update as update_module
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.training.config import make_config
-from mgrit_gru.data import Split, write_dataset
 from mgrit_gru.errors import Diverged, InputError, Stopped
 from mgrit_gru.training.runfolder import (CHECKPOINT, PREVIOUS, RunFolder, claim_run_name,
                                  content_digest, read_checkpoint, strict_json)
@@ -30,19 +30,9 @@ from mgrit_gru.training.loop import train
 from mgrit_gru.training.metrics import check_replicas
 
 
-def easy_split(rng, n, length=12):
-    y = rng.permutation(np.arange(n) % 2).astype(np.int64)
-    level = np.where(y == 1, 0.5, -0.5)
-    x = level[:, None, None] + 0.5 * rng.standard_normal((n, length, 2))
-    return Split(x.astype(np.float32), y, None)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "easy.h5"
-    rng = np.random.default_rng(1)
-    write_dataset(path, easy_split(rng, 96), easy_split(rng, 32), name="easy", num_classes=2)
-    return str(path)
+    return write_easy_data(tmp_path_factory.mktemp("data"), 96)
 
 
 def config(data, out, **options):
@@ -60,17 +50,13 @@ def bit_equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def without_times(metrics):
-    return [{k: v for k, v in e.items() if "seconds" not in k} for e in metrics["epochs"]]
-
-
 class SignalAfter:
     """Wrap the strategies so that ``signum`` is sent to this process after
     the ``calls``-th segment (``run_epoch`` call) of the run."""
 
     def __init__(self, monkeypatch, calls, signum=signal.SIGUSR2, rank=None):
         self.left, self.signum, self.rank = calls, signum, rank
-        make = train_module.make_strategy
+        make = loop_module.make_strategy
 
         def wrapped(*args, **kwargs):
             strategy = make(*args, **kwargs)
@@ -84,7 +70,7 @@ class SignalAfter:
                 return out
             strategy.run_epoch = run
             return strategy
-        monkeypatch.setattr(train_module, "make_strategy", wrapped)
+        monkeypatch.setattr(loop_module, "make_strategy", wrapped)
 
 
 # --------------------------------------------------------------------------- #
@@ -242,7 +228,7 @@ def test_divergence_stops_with_the_last_good_checkpoint(data, tmp_path):
     assert not (run / CHECKPOINT).exists()
     # diverging later: the last epoch's checkpoint stays, finite and readable
     calls = {"n": 0}
-    real = train_module._ShardStep.__call__
+    real = update_module.ShardStep.__call__
 
     def poisoned(self, model, idx):
         calls["n"] += 1
@@ -252,7 +238,7 @@ def test_divergence_stops_with_the_last_good_checkpoint(data, tmp_path):
                 p.grad.fill_(math.nan)
         return loss
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module._ShardStep, "__call__", poisoned)
+        mp.setattr(update_module.ShardStep, "__call__", poisoned)
         with pytest.raises(Diverged, match="non-finite gradient in epoch 2, batch 3 of 6"):
             train(config(data, tmp_path / "late"), Comm.serial())
     state = read_checkpoint(tmp_path / "late" / CHECKPOINT)
@@ -264,14 +250,14 @@ def test_divergence_stops_with_the_last_good_checkpoint(data, tmp_path):
 
 
 def test_skip_batch_counts_and_keeps_training(data, tmp_path, monkeypatch):
-    real = train_module._ShardStep.__call__
+    real = update_module.ShardStep.__call__
     calls = {"n": 0}
 
     def poisoned(self, model, idx):
         calls["n"] += 1
         loss = real(self, model, idx)
         return math.nan if calls["n"] in (2, 9) else loss
-    monkeypatch.setattr(train_module._ShardStep, "__call__", poisoned)
+    monkeypatch.setattr(update_module.ShardStep, "__call__", poisoned)
     metrics = train(config(data, tmp_path / "r", on_divergence="skip-batch"), Comm.serial())
     assert [e["skipped_batches"] for e in metrics["epochs"]] == [1, 1, 0]
     assert [e["updates"] for e in metrics["epochs"]] == [5, 5, 6]

@@ -16,12 +16,17 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_train import one_thread  # noqa: F401 (a fixture)
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.training.config import make_config
 from mgrit_gru.data import Dataset, Split, batch_indices, write_dataset
 from mgrit_gru.errors import InputError
 from mgrit_gru.training.strategies import STRATEGIES, make_strategy
-from mgrit_gru.training.loop import _Stepper, _TensorSplit, build_model, make_optimizer, train
+from mgrit_gru.training.loop import train
+from mgrit_gru.training.setup import build_model, make_optimizer
+from mgrit_gru.training.update import BatchUpdate, TensorSplit
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CELLS = ("implicit-gru", "gru", "lstm", "rnn")
 PARALLEL = ("mutex", "averaging", "hogwild")
@@ -55,8 +60,8 @@ class Run:
                                        seed=seed, dtype=dtype, pooling="mean"))
         self.model = build_model(self.config, self.dataset)
         self.optimizer = make_optimizer(self.config, self.model)
-        self.data = _TensorSplit(self.dataset.train, getattr(torch, dtype))
-        self.step = _Stepper(self.data, self.model, Comm.serial())
+        self.data = TensorSplit(self.dataset.train, getattr(torch, dtype))
+        self.step = BatchUpdate(self.data, self.model, Comm.serial())
 
     def batches(self, epoch, batch_size=16):
         return list(batch_indices(self.data.n, batch_size, shuffle=True,
@@ -82,14 +87,6 @@ def assert_same_state(a: Run, b: Run):
     for i in sa:
         for key in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][key]), torch.as_tensor(sb[i][key])), key
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def worker_threads():
@@ -293,6 +290,19 @@ def test_options_are_checked():
     assert set(STRATEGIES) == {"sequential", "mutex", "averaging", "hogwild"}
 
 
+def test_worker_processes_refuse_a_model_off_the_cpu():
+    model = torch.nn.Linear(3, 2, device="meta")     # parameters off the cpu, as on a GPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with make_strategy("mutex", 1, "process") as strategy:
+        with pytest.raises(InputError, match="worker processes need the model on the cpu "
+                                             r"\(it is on meta\)"):
+            strategy.start(model, optimizer, lambda m, batch: 0.0)
+    assert multiprocessing.active_children() == []
+    # the default backend takes threads for it (and processes on the cpu)
+    assert make_strategy("mutex", 1)._choose_backend(model) == "thread"
+    assert make_strategy("mutex", 1)._choose_backend(torch.nn.Linear(3, 2)) == "process"
+
+
 class TwoGroups:
     """A step function that claims two MPI data groups."""
 
@@ -378,8 +388,8 @@ def grid_run(world, time_ranks, name):
     dataset = make_dataset(40, min_len=6)     # one length: the same MGRIT grid on every shard
     model = build_model(cfg, dataset, time_comm)
     optimizer = make_optimizer(cfg, model)
-    data = _TensorSplit(dataset.train, torch.float64)
-    step = _Stepper(data, model, data_comm)
+    data = TensorSplit(dataset.train, torch.float64)
+    step = BatchUpdate(data, model, data_comm)
     batches = batch_indices(data.n, 8, shuffle=True, generator=np.random.default_rng(3))
     with make_strategy(name, 2) as strategy:
         result = strategy.run_epoch(model, optimizer, batches, step)

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_train import DEVICES, without_times, write_easy_data
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.training.config import make_config
-from mgrit_gru.data import Split, load_dataset, write_dataset
+from mgrit_gru.data import load_dataset
 from mgrit_gru.errors import InputError
-from mgrit_gru.training.loop import build_model, train
+from mgrit_gru.training.loop import train
+from mgrit_gru.training.setup import build_model, check_device_options, resolve_device
 from mgrit_gru.training.metrics import check_replicas, classification_metrics, confusion_matrix
 
 # --------------------------------------------------------------------------- #
@@ -22,21 +24,10 @@ EPOCH_KEYS = {"epoch", "train_loss", "test_loss", "test_accuracy", "test_precisi
               "test_recall", "test_f1", "seconds"}
 
 
-def easy_split(rng, n, length=12):
-    """Class = sign of the sequence's mean level: learnable in a few epochs."""
-    y = rng.permutation(np.arange(n) % 2).astype(np.int64)
-    level = np.where(y == 1, 0.5, -0.5).astype(np.float32)
-    x = level[:, None, None] + 0.5 * rng.standard_normal((n, length, 2)).astype(np.float32)
-    return Split(x.astype(np.float32), y, None)
-
-
 @pytest.fixture(scope="module")
 def easy_data(tmp_path_factory):
     """A tiny two-class HDF5 data set in the package schema."""
-    path = tmp_path_factory.mktemp("data") / "easy.h5"
-    rng = np.random.default_rng(1)
-    write_dataset(path, easy_split(rng, 64), easy_split(rng, 32), name="easy", num_classes=2)
-    return str(path)
+    return write_easy_data(tmp_path_factory.mktemp("data"), 64)
 
 
 def config(data, out, **options):
@@ -44,10 +35,6 @@ def config(data, out, **options):
                 progress="off")
     base.update(options)
     return make_config(base)
-
-
-def without_times(metrics):
-    return [{k: v for k, v in e.items() if "seconds" not in k} for e in metrics["epochs"]]
 
 
 # --------------------------------------------------------------------------- #
@@ -88,8 +75,9 @@ def test_macro_metrics_nothing_right_is_zero():
 # --------------------------------------------------------------------------- #
 # the loop
 # --------------------------------------------------------------------------- #
-def test_training_reduces_the_loss(easy_data, tmp_path):
-    cfg = config(easy_data, tmp_path / "run", epochs=4, lr=0.05)
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_reduces_the_loss(easy_data, tmp_path, device):
+    cfg = config(easy_data, tmp_path / "run", epochs=4, lr=0.05, device=device)
     dataset = load_dataset(easy_data)
     model = build_model(cfg, dataset)       # the initial weights train() starts from
     with torch.no_grad():
@@ -248,3 +236,111 @@ def test_check_replicas_detects_a_difference():
             model.bias[0] += 1e-6
     with pytest.raises(RuntimeError, match="differ across ranks"):
         check_replicas(model, world)                # raised on every rank: no hang
+
+
+# --------------------------------------------------------------------------- #
+# the device
+# --------------------------------------------------------------------------- #
+def fake_gpus(monkeypatch, count):
+    """torch sees ``count`` GPUs (0: none)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_resolve_device_without_a_gpu(monkeypatch):
+    fake_gpus(monkeypatch, 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto", rank=3) == torch.device("cpu")
+    with pytest.raises(InputError, match=r"^option device \(--device\): cuda, but torch sees "
+                                         r"no CUDA device") as info:
+        resolve_device("cuda")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("environ, rank, index", [
+    ({}, 0, 0), ({}, 5, 1),                                  # no launcher: rank mod GPUs
+    ({"MPI_LOCALRANKID": "3"}, 9, 3), ({"SLURM_LOCALID": "6"}, 0, 2),
+    ({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}, 4, 1),
+    # MPICH's hydra first, then SLURM, then Open MPI; a value that is no number is skipped
+    ({"MPI_LOCALRANKID": "1", "SLURM_LOCALID": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}, 0, 1),
+    ({"SLURM_LOCALID": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}, 0, 2),
+    ({"MPI_LOCALRANKID": "", "SLURM_LOCALID": "x", "OMPI_COMM_WORLD_LOCAL_RANK": "7"}, 0, 3),
+])
+@pytest.mark.parametrize("name", ["cuda", "auto"])
+def test_resolve_device_picks_local_rank_mod_gpus(monkeypatch, environ, rank, index, name):
+    fake_gpus(monkeypatch, 4)
+    assert resolve_device(name, rank, environ) == torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(strategy="hogwild"), "hogwild cannot run on a GPU"),
+    (dict(strategy="hogwild", workers=2), "hogwild cannot run on a GPU"),
+    (dict(strategy="mutex", workers=2), "mutex with 2 workers cannot run on a GPU"),
+    (dict(strategy="averaging", workers=3), "averaging with 3 workers cannot run on a GPU"),
+])
+def test_strategies_that_cannot_run_on_a_gpu(easy_data, tmp_path, options, words):
+    cfg = config(easy_data, tmp_path / "run", **options)
+    check_device_options(cfg, torch.device("cpu"))              # on the cpu: fine
+    with pytest.raises(InputError, match=r"^option strategy \(--strategy\): " + words):
+        check_device_options(cfg, torch.device("cuda", 1))
+    for fine in (dict(), dict(strategy="mutex", workers=1), dict(strategy="averaging")):
+        check_device_options(config(easy_data, tmp_path / "run", **fine), torch.device("cuda"))
+
+
+def test_train_cuda_without_a_gpu_is_an_input_error(easy_data, tmp_path, monkeypatch):
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(InputError, match="option device"):
+        train(config(easy_data, tmp_path / "run", device="cuda"), Comm.serial())
+    assert not (tmp_path / "run").exists()                  # nothing written
+    metrics = train(config(easy_data, tmp_path / "auto", device="auto", epochs=1),
+                    Comm.serial())
+    assert metrics["environment"]["device"] == "cpu"
+    assert metrics["config"]["device"] == "auto"          # the option as given
+
+
+def host_tensors(state):
+    """Every tensor in a (nested) checkpoint."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in host_tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in host_tensors(v)]
+    return []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_run_checkpoint_and_resume(easy_data, tmp_path, device):
+    """On each device: the run of the cpu (float64), the device recorded, host
+    tensors in the checkpoint, and a resumed run that continues the
+    uninterrupted one (on the same device, and on the cpu)."""
+    opts = dict(epochs=3, dtype="float64", optimizer="adam")
+    on_cpu = train(config(easy_data, tmp_path / "cpu", **opts), Comm.serial())
+    whole = train(config(easy_data, tmp_path / "whole", device=device, **opts), Comm.serial())
+    used = whole["environment"]["device"]
+    assert used == "cpu" if device == "cpu" else used.startswith("cuda:")
+    assert f"| device {used} |" in (tmp_path / "whole" / "log.txt").read_text().splitlines()[0]
+    for a, b in zip(on_cpu["epochs"], whole["epochs"]):
+        for key in ("train_loss", "test_loss", "test_accuracy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-9)
+    train(config(easy_data, tmp_path / "part", device=device, **dict(opts, epochs=1)),
+          Comm.serial())
+    # loaded without map_location: tensors saved from a GPU would come back on it
+    state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    tensors = host_tensors(state)
+    assert len(tensors) > 10 and all(t.device.type == "cpu" for t in tensors)
+    resumed = train(config(easy_data, tmp_path / "part", device=device, **opts),
+                    Comm.serial(), resume=True)
+    if device == "cpu":
+        assert without_times(resumed) == without_times(whole)
+    else:
+        for a, b in zip(whole["epochs"], resumed["epochs"]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+        # a run of the GPU resumed on the cpu
+        train(config(easy_data, tmp_path / "moved", device=device, **dict(opts, epochs=1)),
+              Comm.serial())
+        moved = train(config(easy_data, tmp_path / "moved", device="cpu", **opts),
+                      Comm.serial(), resume=True)
+        assert moved["environment"]["device"] == "cpu"
+        for a, b in zip(whole["epochs"], moved["epochs"]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)

@@ -68,7 +68,7 @@ class TrainConfig:
     """Every option of a training run (see docs/usage.md).
 
     ``None`` for ``out``, ``threads`` and ``time_ranks`` means "decided at run
-    time" (see :func:`mgrit_gru.training.loop.resolve_config`); ``None`` for
+    time" (see :func:`mgrit_gru.training.setup.resolve_config`); ``None`` for
     ``max_train``, ``max_test`` and ``max_len`` means "no limit".
     """
 

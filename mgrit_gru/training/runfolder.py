@@ -29,6 +29,7 @@ import math
 import os
 import socket
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,6 +115,27 @@ def finite_state(state_dict: dict) -> bool:
             return all(walk(x) for x in v)
         return True
     return walk(state_dict)
+
+
+def on_host(state: Any) -> Any:
+    """``state`` with every tensor on a GPU replaced by its host copy (dicts,
+    lists and tuples walked). What holds no such tensor is returned as it is."""
+    if isinstance(state, torch.Tensor):
+        return state if state.device.type == "cpu" else state.cpu()
+    if isinstance(state, dict):
+        moved = {k: on_host(v) for k, v in state.items()}
+        if all(moved[k] is v for k, v in state.items()):
+            return state
+        out = type(state)(moved) if isinstance(state, OrderedDict) else moved
+        if hasattr(state, "_metadata"):     # a module's state_dict (versions of its parts)
+            out._metadata = state._metadata
+        return out
+    if isinstance(state, (list, tuple)):
+        moved = [on_host(v) for v in state]
+        if all(m is v for m, v in zip(moved, state)):
+            return state
+        return type(state)(moved)
+    return state
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -268,10 +290,11 @@ class RunFolder:
 
     def write_checkpoint(self, state: dict) -> None:
         """Write ``state`` (with its digest) as checkpoint.pt; the one before
-        becomes checkpoint.prev.pt. The caller makes sure the weights are finite."""
+        becomes checkpoint.prev.pt. Tensors are written from the host (a run
+        resumes on any device). The caller makes sure the weights are finite."""
         if not self.active:
             return
-        state = dict(state, format=CHECKPOINT_FORMAT)
+        state = dict(on_host(state), format=CHECKPOINT_FORMAT)
         state["sha256"] = content_digest(state)
         current, previous = self.path / CHECKPOINT, self.path / PREVIOUS
         tmp = self.path / f".{CHECKPOINT}.tmp"

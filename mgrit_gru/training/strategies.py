@@ -50,7 +50,12 @@ which lets them compose with MPI data groups (the calling thread sums each
 update's gradient over the groups) and with MGRIT time ranks (thread
 workers, each with its own time communicator). Hogwild's update order is up
 to the operating system: it runs on one rank only. The workers themselves
-are in :mod:`mgrit_gru.training.workers`.
+are in :mod:`mgrit_gru.training.pool` (the pool), :mod:`mgrit_gru.training.worker`
+(one worker), :mod:`mgrit_gru.training.worker_sync` and
+:mod:`mgrit_gru.training.replicas`.
+
+On a GPU (the model's parameters on a CUDA device) the workers are threads
+(``auto``); worker processes need the model on the cpu.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.training.workers import BACKENDS, WorkerPool, communicates
+from mgrit_gru.training.pool import BACKENDS, WorkerPool
+from mgrit_gru.training.replicas import communicates
 
 StepFn = Callable[[torch.nn.Module, Any], float]
 
@@ -184,8 +190,9 @@ class _WithWorkers(Strategy):
 
     def _choose_backend(self, model: torch.nn.Module) -> str:
         propagator = getattr(model, "propagator", None)
+        on_gpu = next(model.parameters()).device.type != "cpu"
         if self.backend == "auto":
-            return "thread" if communicates(propagator) else "process"
+            return "thread" if communicates(propagator) or on_gpu else "process"
         if self.backend == "process" and communicates(propagator):
             raise InputError(f"option strategy (--strategy): {self.name} workers cannot be "
                              f"processes with the {type(propagator).__name__}, which "
@@ -238,6 +245,18 @@ class _WithWorkers(Strategy):
         self.pool.load(w, self._params)
         self.pool.submit(w, batch)
 
+    def _send_round(self, batches: Iterator[Any]) -> list[int]:
+        """Send the next batches to workers 0, 1, ... (one each, while there
+        are batches); the workers sent to, in order."""
+        sent = []
+        for w in range(self.workers):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            self._send(w, batch)
+            sent.append(w)
+        return sent
+
     def _update(self, flat: torch.Tensor) -> float:
         """Sum ``flat`` (gradient, loss) over the data groups, step the global
         model with that gradient; return the loss entry."""
@@ -271,13 +290,7 @@ class Mutex(_WithWorkers):
 
     def _coordinated(self, batches):
         total, updates = 0.0, 0
-        queue: deque[int] = deque()         # workers, in update order
-        for w in range(self.workers):
-            batch = next(batches, None)
-            if batch is None:
-                break
-            self._send(w, batch)
-            queue.append(w)
+        queue: deque[int] = deque(self._send_round(batches))     # workers, in update order
         while queue:
             w = queue.popleft()
             self.pool.wait(w)
@@ -311,13 +324,7 @@ class Averaging(_WithWorkers):
         if self._mean is None:
             self._mean = torch.zeros_like(self.pool.grads[0])
         while True:
-            round_ = []
-            for w in range(self.workers):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                self._send(w, batch)
-                round_.append(w)
+            round_ = self._send_round(batches)
             if not round_:
                 return total, updates, count
             for w in round_:
