@@ -45,13 +45,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers_train import one_thread  # noqa: F401 (a fixture)
 from mgrit_gru import limits
 from mgrit_gru.cli import _train_config, build_parser
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.training.config import OPTION_NAMES, TrainConfig, flag, load_config, make_config
 from mgrit_gru.data import load_dataset
 from mgrit_gru.errors import Diverged, InputError
-from mgrit_gru.training.loop import build_model, train
+from mgrit_gru.training.loop import train
+from mgrit_gru.training.setup import build_model
 
 #: Cases per generator (1,800 in all; about a minute on 2 busy cores).
 N_READER, N_CONFIG, N_FLAGS = 800, 500, 500
@@ -66,12 +68,7 @@ def fuzz_settings(n: int) -> settings:
                     print_blob=False, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @contextlib.contextmanager
@@ -123,6 +120,46 @@ def tiny_training(config: TrainConfig, out: Path) -> None:
         return
     assert len(metrics["epochs"]) == config.epochs
     assert (out / "checkpoint.pt").is_file()
+
+
+def accept(count: Counter, make, *must_contain: str):
+    """``make()``, counted as accepted; ``None``, counted as rejected, when it
+    raises a one-line InputError (with ``must_contain``)."""
+    try:
+        value = make()
+    except InputError as e:
+        assert_one_line(e, *must_contain)
+        count["rejected"] += 1
+        return None
+    count["accepted"] += 1
+    return value
+
+
+def run_cases(run, name: str, count: Counter, n: int, **at_least: int) -> None:
+    """Run the hypothesis test ``run``, print its counts, and check that it
+    saw ``n`` cases and that each count of ``at_least`` reached its minimum."""
+    tic = time.perf_counter()
+    run()
+    print(f"\n{name}: {dict(count)} in {time.perf_counter() - tic:.1f} s")
+    assert count["cases"] >= n
+    for key, least in at_least.items():
+        assert count[key] >= least, (key, count)
+
+
+def train_tiny(config: TrainConfig, out: Path, **changes) -> bool:
+    """:func:`tiny_training` of ``config`` cut to one sequential epoch of a
+    small model in ``out`` (with ``changes``); False, without training, if the
+    cut config is rejected (a one-line InputError)."""
+    try:
+        tiny = dataclasses.replace(
+            config, epochs=1, hidden=min(config.hidden, 6), out=str(out), threads=1,
+            workers=1, strategy="sequential", progress="off",
+            batch_size=min(config.batch_size, 8), **changes)
+    except InputError as e:
+        assert_one_line(e)
+        return False
+    tiny_training(tiny, out)
+    return True
 
 
 def forward_check(config: TrainConfig, ds) -> bool:
@@ -426,13 +463,9 @@ def test_fuzz_hdf5_reader(tmp_path):
         expected = write_case(case, path, ext_path)
         kwargs = {k: case[k] for k in ("max_train", "max_test", "max_len")}
         with quiet():
-            try:
-                ds = load_dataset(path, **kwargs)
-            except InputError as e:
-                assert_one_line(e, str(path))
-                count["rejected"] += 1
+            ds = accept(count, lambda: load_dataset(path, **kwargs), str(path))
+            if ds is None:
                 return
-            count["accepted"] += 1
             check_loaded(ds, case, expected)
             config = make_config({"data": str(path), "hidden": 4, "batch_size": 4, "epochs": 1,
                                   "progress": "off", **{k: v for k, v in kwargs.items() if v}})
@@ -441,12 +474,8 @@ def test_fuzz_hdf5_reader(tmp_path):
                 tiny_training(dataclasses.replace(config, out=str(out)), out)
                 count["trained"] += 1
 
-    tic = time.perf_counter()
-    run()
-    print(f"\nHDF5 reader: {dict(count)} in {time.perf_counter() - tic:.1f} s")
-    assert count["cases"] >= N_READER
-    assert count["accepted"] >= N_READER // 10 and count["rejected"] >= N_READER // 3, count
-    assert count["trained"] >= 3, count
+    run_cases(run, "HDF5 reader", count, N_READER, accepted=N_READER // 10,
+              rejected=N_READER // 3, trained=3)
 
 
 # --------------------------------------------------------------------------- #
@@ -555,37 +584,19 @@ def test_fuzz_config_loader(tmp_path):
         count["cases"] += 1
         path.write_bytes(raw)
         with quiet():
-            try:
-                options = load_config(path)
-                config = make_config(options)
-            except InputError as e:
-                assert_one_line(e)
-                count["rejected"] += 1
+            config = accept(count, lambda: make_config(load_config(path)))
+            if config is None:
                 return
-            count["accepted"] += 1
             # the run folder's config.toml is written by tomli_w and read back the same way
             path.write_text(tomli_w.dumps(config.to_dict()), encoding="utf-8")
             assert make_config(load_config(path)) == config
             if train_draw == TRAIN_PICK:
-                out = tmp_path / f"run{count['trained']}"
-                try:
-                    small = dataclasses.replace(
-                        config, data="synthetic:24", max_train=8, max_test=8, max_len=None,
-                        epochs=1, hidden=min(config.hidden, 6), batch_size=min(config.batch_size, 8),
-                        out=str(out), threads=1, workers=1, strategy="sequential",
-                        progress="off")
-                except InputError as e:
-                    assert_one_line(e)
-                    return
-                tiny_training(small, out)
-                count["trained"] += 1
+                if train_tiny(config, tmp_path / f"run{count['trained']}", data="synthetic:24",
+                              max_train=8, max_test=8, max_len=None):
+                    count["trained"] += 1
 
-    tic = time.perf_counter()
-    run()
-    print(f"\nconfig loader: {dict(count)} in {time.perf_counter() - tic:.1f} s")
-    assert count["cases"] >= N_CONFIG
-    assert count["accepted"] >= N_CONFIG // 10 and count["rejected"] >= N_CONFIG // 3, count
-    assert count["trained"] >= 3, count
+    run_cases(run, "config loader", count, N_CONFIG, accepted=N_CONFIG // 10,
+              rejected=N_CONFIG // 3, trained=3)
 
 
 # --------------------------------------------------------------------------- #
@@ -677,13 +688,9 @@ def test_fuzz_flags(tmp_path):
             return
         assert stderr == [""], stderr
         with quiet():
-            try:
-                config = _train_config(args)
-            except InputError as e:
-                assert_one_line(e)
-                count["rejected"] += 1
+            config = accept(count, lambda: _train_config(args))
+            if config is None:
                 return
-            count["accepted"] += 1
             try:
                 ds = load_dataset(config.data, max_train=min(config.max_train or 16, 16),
                                   max_test=min(config.max_test or 16, 16),
@@ -697,21 +704,8 @@ def test_fuzz_flags(tmp_path):
             if forward_check(small, ds):
                 count["forward"] += 1
                 if train_draw == TRAIN_PICK:
-                    out = tmp_path / f"run{count['trained']}"
-                    try:
-                        tiny = dataclasses.replace(
-                            small, epochs=1, hidden=min(small.hidden, 6), out=str(out), threads=1,
-                            workers=1, strategy="sequential", progress="off",
-                            batch_size=min(small.batch_size, 8))
-                    except InputError as e:
-                        assert_one_line(e)
-                        return
-                    tiny_training(tiny, out)
-                    count["trained"] += 1
+                    if train_tiny(small, tmp_path / f"run{count['trained']}"):
+                        count["trained"] += 1
 
-    tic = time.perf_counter()
-    run()
-    print(f"\nflags: {dict(count)} in {time.perf_counter() - tic:.1f} s")
-    assert count["cases"] >= N_FLAGS
-    assert count["parser"] >= N_FLAGS // 10 and count["accepted"] >= N_FLAGS // 10, count
-    assert count["rejected"] >= N_FLAGS // 10 and count["trained"] >= 2, count
+    run_cases(run, "flags", count, N_FLAGS, parser=N_FLAGS // 10, accepted=N_FLAGS // 10,
+              rejected=N_FLAGS // 10, trained=2)
