@@ -354,6 +354,15 @@ class _GRUFamily(RecurrentCell):
         torch.mul(g, c_n, out=g_hw[..., 2 * self.hidden_size:])
         return acc, g_hw
 
+    def _torch_gates(self, xw_t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z, n)`` with plain differentiable torch ops (the autograd references)."""
+        x_r, x_z, x_n = xw_t.chunk(3, -1)
+        h_r, h_z, h_n = self.hidden_projection(s).chunk(3, -1)
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return z, n
+
 
 class ImplicitGRUCell(_GRUFamily):
     """Implicit (backward Euler) GRU cell, stable for any ``dt > 0``.
@@ -374,11 +383,7 @@ class ImplicitGRUCell(_GRUFamily):
 
     def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
         """Differentiable step with plain torch ops (autograd reference)."""
-        x_r, x_z, x_n = xw_t.chunk(3, -1)
-        h_r, h_z, h_n = self.hidden_projection(s).chunk(3, -1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
+        z, n = self._torch_gates(xw_t, s)
         a = dt * (1 - z)
         return (s + a * n) / (1 + a)
 
@@ -416,11 +421,7 @@ class GRUCell(_GRUFamily):
 
     def forward_state(self, xw_t: Tensor, s: Tensor, dt: Dt = 1.0) -> Tensor:
         """Differentiable step with plain torch ops; ``dt`` is ignored."""
-        x_r, x_z, x_n = xw_t.chunk(3, -1)
-        h_r, h_z, h_n = self.hidden_projection(s).chunk(3, -1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
+        z, n = self._torch_gates(xw_t, s)
         return z * s + (1 - z) * n
 
     @_no_autograd
