@@ -141,7 +141,7 @@ class SolveInfo:
         }
 
 
-#: Tag phases of the solver's messages (tag = 16 * level + phase).
+#: The phase of the halo messages (tags are 16 * level + phase; phases 1-6 are the cycles').
 _HALO_PHASE = 7
 
 
