@@ -61,7 +61,7 @@ CORES_FACTOR = 4
 #: tests/test_bad_inputs.py compares the two).
 CELL_SHAPES = {"implicit-gru": (3, 1), "gru": (3, 1), "lstm": (4, 2), "rnn": (1, 1)}
 
-#: Smallest evaluation batch (``mgrit_gru.training.loop.EVAL_BATCH``).
+#: Smallest evaluation batch (``mgrit_gru.training.evaluation.EVAL_BATCH``).
 _EVAL_BATCH = 256
 
 _MEMINFO = Path("/proc/meminfo")
