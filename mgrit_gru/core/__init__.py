@@ -15,6 +15,8 @@ __all__ = [
     "MGRITSettings",
     "Partition",
     "SolveInfo",
+    "StepperBase",
+    "TimeGrid",
     "TimeStepper",
     "abort_on_exception",
     "block_ranges",
@@ -23,6 +25,7 @@ __all__ = [
 
 _EXPORTS = {
     "Level": "grid",
+    "TimeGrid": "grid",
     "LevelRange": "grid",
     "Partition": "grid",
     "block_ranges": "grid",
@@ -30,6 +33,7 @@ _EXPORTS = {
     "Comm": "comm",
     "abort_on_exception": "comm",
     "DahlquistStepper": "stepper",
+    "StepperBase": "stepper",
     "TimeStepper": "stepper",
     "MGRIT": "solver",
     "MGRITSettings": "solver",
