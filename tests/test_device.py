@@ -24,21 +24,13 @@ DEVICES = [
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device")),
 ]
-D, H, C, B = 3, 8, 4, 5
+from test_mgrit_gru import C, D, H, _batch  # noqa: E402  (the same batches)
 TIGHT = MGRITOptions(levels=3, cfactor=4, fwd_iters=60, bwd_iters=60, fwd_tol=1e-13, bwd_tol=1e-13)
 
 
 def _model(pooling="last", seed=0):
     torch.manual_seed(seed)
     return SequenceClassifier("implicit-gru", D, H, C, pooling=pooling, dtype=torch.float64)
-
-
-def _batch(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, n, D, generator=g, dtype=torch.float64)
-    lengths = torch.tensor([n, max(n - 3, 1), 1, max(n // 2, 1), min(7, n)])
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, lengths, y
 
 
 def _run(model, prop, x, lengths, y, device):
