@@ -49,6 +49,9 @@ from mgrit_gru.models import kernels
 from mgrit_gru.models.cells import make_cell
 from mgrit_gru.models.common import flushing_denormals
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cells import _proc_stat  # noqa: E402  (the machine's busy/total jiffies)
+
 
 def cpu_model() -> str:
     try:
@@ -59,16 +62,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _proc_stat() -> tuple[int, int]:
-    try:
-        with open("/proc/stat") as fh:
-            fields = [int(v) for v in fh.readline().split()[1:]]
-    except OSError:
-        return 0, 0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields) - idle, sum(fields)
 
 
 class LoadMeter:
