@@ -69,7 +69,7 @@ def worker(args) -> None:
         else:
             relax = tuple(args.relax.split(",")) if "," in args.relax else args.relax
             opts = MGRITOptions(levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,
-                                bwd_iters=args.bwd_iters, relax=relax,
+                                bwd_iters=args.bwd_iters, relax=relax, nested=args.nested,
                                 skip_first_relax=args.skip_first_relax,
                                 final_residual=not args.no_final_residual)
             model.propagator = MGRITPropagator(comm, opts)
@@ -117,7 +117,8 @@ def _run_one(kind, length, args):
            "--hidden", str(args.hidden), "--batch", str(args.batch),
            "--levels", str(args.levels), "--cfactor", str(args.cfactor),
            "--fwd-iters", str(args.fwd_iters), "--bwd-iters", str(args.bwd_iters),
-           "--relax", args.relax] + (["--skip-first-relax"] if args.skip_first_relax else []) \
+           "--relax", args.relax, "--nested" if args.nested else "--no-nested"] \
+        + (["--skip-first-relax"] if args.skip_first_relax else []) \
         + (["--no-final-residual"] if args.no_final_residual else [])
     if kind == "mgrit2":
         mpiexec = str(Path(py).parent / "mpiexec")
@@ -213,7 +214,10 @@ def main(argv=None):
         s.add_argument("--cfactor", type=int, default=4)
         s.add_argument("--fwd-iters", type=int, default=2)
         s.add_argument("--bwd-iters", type=int, default=1)
-        s.add_argument("--relax", default="F,FCF", help="per level, comma separated")
+        # defaults: the training defaults (mgrit_gru/training/config.py, docs/fidelity.md)
+        s.add_argument("--relax", default="FCF", help="per level, comma separated")
+        s.add_argument("--nested", action=argparse.BooleanOptionalAction, default=True,
+                       help="nested iteration (the training default)")
         s.add_argument("--skip-first-relax", action="store_true", default=False)
         s.add_argument("--no-final-residual", action="store_true", default=False)
     sub.choices["worker"].add_argument("--kind", choices=KINDS, required=True)

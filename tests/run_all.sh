@@ -43,5 +43,9 @@ run_mpi 4 tests/test_mgrit.py tests/test_mgrit_cycles.py tests/test_mgrit_gru.py
 # strategy workers on 2 time ranks x 2 data groups (the test runs only on 4 ranks; ~10 s)
 run_mpi 4 "tests/test_strategies.py::test_mgrit_time_ranks_compose_with_workers[mutex-2x2]" \
     "tests/test_strategies.py::test_mgrit_time_ranks_compose_with_workers[averaging-2x2]"
+# the pure-torch path of the propagators and steppers (what runs where the fused
+# C++ kernels cannot: no compiler, a GPU, a stacked or custom cell)
+echo "== serial, torch path (MGRIT_GRU_KERNELS=0): pytest tests/test_model.py tests/test_mgrit_gru.py"
+MGRIT_GRU_KERNELS=0 "$py" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_mgrit_gru.py
 echo "== serial: pytest"
 exec "$py" -m pytest -q tests

@@ -50,7 +50,7 @@ from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolveInfo
 from mgrit_gru.errors import InputError
 from mgrit_gru.models.cells import RecurrentCell
 from mgrit_gru.models.common import (as_pooling, bound_params, check_inputs, flushing_denormals,
-                                     param_names)
+                                     param_names, project_inputs)
 from mgrit_gru.models.serial import SerialPropagator
 from mgrit_gru.models.steppers import CellAdjointStepper, CellForwardStepper, Inputs
 
@@ -380,7 +380,7 @@ class MGRITPropagator:
         first_input = max(lo - max_stride, 0)
         last_input = min(hi - 1 + max_stride, N)
         x_tm = x[:, first_input:last_input].transpose(0, 1).contiguous()
-        xw = cell.input_projection(x_tm)
+        xw = project_inputs(cell, x_tm)
         inputs = Inputs(xw, first_input, self.options.coarse_input)
         B = x.shape[0]
         hw = x.new_empty(hi - lo, B, cell.proj_size)

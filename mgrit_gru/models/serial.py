@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from mgrit_gru.errors import InputError
+from mgrit_gru.models import kernels
 from mgrit_gru.models.cells import RecurrentCell, select_lin
 from mgrit_gru.models.common import (Workspace, as_pooling, bound_params, check_dt, check_inputs,
-                                     flushing_denormals, param_names)
+                                     flushing_denormals, param_names, project_inputs)
 
 __all__ = ["AutogradPropagator", "SerialPropagator"]
 
@@ -67,10 +68,14 @@ def _sweep(cell: RecurrentCell, x: Tensor, steps: int, dt: float, work: Workspac
     gh = cell.proj_size
     x_tm = take("x", steps, B, cell.input_size)
     x_tm.copy_(x[:, :steps].transpose(0, 1))
-    xw = cell.input_projection(x_tm, out=take("xw", steps, B, gh))
+    xw = project_inputs(cell, x_tm, take("xw", steps, B, gh))
     hw = take("hw", steps, B, gh)
     states = take("states", steps + 1, B, cell.state_size)
     states[0].zero_()
+    kind = kernels.kind_of(cell, x)
+    if kind is not None:        # fused C++ sweep, GIL released (models/kernels.py)
+        kernels.forward_sweep(kind, xw, cell.weight_hh, cell.bias_hh, dt, states, hw)
+        return bufs, x_tm, xw, hw, states
     for t in range(steps):
         cell.step(xw[t], states[t], dt, out=states[t + 1], hw_out=hw[t])
     return bufs, x_tm, xw, hw, states
@@ -89,7 +94,7 @@ class _SerialFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, x, lengths, steps, pooling, opts, *params):
-        dt, chunk, flush, work = opts
+        dt, chunk, flush, work, kchunk = opts
         with flushing_denormals(flush):
             bufs, x_tm, xw, hw, states = _sweep(cell, x, steps, dt, work)
             features = as_pooling(pooling).features(cell.hidden(states[1:]), lengths, lo=1)
@@ -105,7 +110,7 @@ class _SerialFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_feat):
-        dt, chunk, flush, work = ctx.opts
+        dt, chunk, flush, work, kchunk = ctx.opts
         x, *params = ctx.saved_tensors
         cell = ctx.cell
         with bound_params(cell, dict(zip(param_names(cell), params))), flushing_denormals(flush):
@@ -134,6 +139,15 @@ def _serial_backward(ctx, cell, x_tm, xw, hw, states, g_feat, dt, chunk, bufs):
     g_x = None
     if ctx.needs_input_grad[1]:
         g_x = xw.new_zeros(B, ctx.saved_tensors[0].shape[1], cell.input_size)
+    kind = kernels.kind_of(cell, xw)
+    if kind is not None:        # fused reverse sweep + chunked parameter-gradient GEMMs
+        params = {name: getattr(cell, name) for name in param_names(cell)}
+        grads, g_x_tm = kernels.sweep_backward(kind, x_tm, xw, hw, states, params, dt, lam,
+                                               chunk=ctx.opts[4], input_grad=g_x is not None,
+                                               work=ctx.opts[3].free)
+        if g_x is not None:
+            g_x[:, :steps] = g_x_tm.transpose(0, 1)
+        return grads, g_x
     grads = None
     for stop in range(steps, 0, -chunk):
         start = max(stop - chunk, 0)
@@ -158,11 +172,17 @@ class SerialPropagator:
     Gradients flow to the cell's parameters and to ``x``; the padded steps past
     ``max(lengths)`` are never computed.
 
+    The four registered single-layer cells on the CPU run the fused C++
+    kernels of :mod:`mgrit_gru.models.kernels` (one call per sweep, GIL
+    released; docs/kernels.md); other cells, stacks, GPUs, or
+    ``MGRIT_GRU_KERNELS=0`` take the torch path below.
+
     ``chunk``: time steps linearised per call in the backward. ``None`` picks
-    about ``CHUNK_VALUES / (batch * hidden)`` steps, so that a chunk's
-    coefficient tensors stay in cache (8 steps at batch 100, hidden 100; one
-    call for the whole sequence is about 1.6x slower there, see
-    docs/performance.md).
+    about ``CHUNK_VALUES / (batch * hidden)`` steps on the torch path, so that
+    a chunk's coefficient tensors stay in cache (8 steps at batch 100, hidden
+    100; one call for the whole sequence is about 1.6x slower there, see
+    docs/performance.md), and the kernels' own default
+    (:func:`~mgrit_gru.models.kernels.sweep_backward`) on the kernel path.
     ``flush_denormals``: flush float32 subnormals (``< 1.2e-38``) to zero on
     the calling thread while the propagator runs, and restore the previous
     mode afterwards. Adjoints decay through long sequences and subnormal
@@ -190,7 +210,7 @@ class SerialPropagator:
         lengths, steps = check_inputs(cell, x, lengths, pooling)
         params = [getattr(cell, name) for name in param_names(cell)]
         chunk = self.chunk or max(1, CHUNK_VALUES // (x.shape[0] * cell.hidden_size))
-        opts = (self.dt, chunk, self.flush_denormals, self._work)
+        opts = (self.dt, chunk, self.flush_denormals, self._work, self.chunk)
         return _SerialFunction.apply(cell, x, lengths, steps, pooling, opts, *params)
 
     def __getstate__(self) -> dict:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mgrit_gru.core.grid import TimeGrid
 from mgrit_gru.core.stepper import StepperBase
+from mgrit_gru.models import kernels
 from mgrit_gru.models.cells import RecurrentCell, select_lin
 
 __all__ = ["CellAdjointStepper", "CellForwardStepper", "Inputs"]
@@ -89,13 +90,19 @@ class CellForwardStepper(StepperBase):
         self.device = xw.device
         self.hw, self.lo = hw, lo
         self.hw_exact = False
+        self.kind = kernels.kind_of(cell, xw)       # fused C++ step, or None: torch path
 
     def step(self, u, t_from, t_to, level, rhs=None, *, out):
         k = t_to - t_from
         hw_out = None
         if self.hw is not None and k == 1 and 0 <= t_from - self.lo < self.hw.shape[0]:
             hw_out = self.hw[t_from - self.lo]
-        self.cell.step(self.inputs.at_multiple(t_to, k), u, float(k), out=out, hw_out=hw_out)
+        xw = self.inputs.at_multiple(t_to, k)
+        if self.kind is not None:
+            cell = self.cell
+            return kernels.step(self.kind, xw, u, cell.weight_hh, cell.bias_hh, float(k), out,
+                                hw_out, rhs)
+        self.cell.step(xw, u, float(k), out=out, hw_out=hw_out)
         if rhs is not None:
             out += rhs
         return out
@@ -173,9 +180,12 @@ class CellAdjointStepper(StepperBase):
                 for i, t_i in enumerate(tc):
                     lins[self.N - t_i] = select_lin(lin, i)
             self.lins.append(lins)
+        self.kind = kernels.kind_of(cell, states)   # fused C++ VJP, or None: torch path
 
     def step(self, u, s_from, s_to, level, rhs=None, *, out):
         lin = self.lins[level][s_to]
+        if self.kind is not None:
+            return kernels.vjp_lin(self.kind, lin, u, self.cell.weight_hh, out, rhs)
         if rhs is None:
             return out.copy_(self.cell.vjp_state(lin, u))
         out.copy_(rhs)
