@@ -16,6 +16,11 @@
   so that it can be tested without a GPU.
 * What MPI cannot carry (a non-contiguous tensor, a dtype without an MPI
   type) is refused with one :class:`~mgrit_gru.errors.InputError` line.
+* Every call can be recorded on a per-rank timeline: set ``comm.tracer`` to a
+  :class:`~mgrit_gru.core.trace.Tracer` (default: the disabled
+  :data:`~mgrit_gru.core.trace.NULL_TRACER`, which costs one attribute test
+  per call).  Sends, receives, waits and collectives are recorded with their
+  peer, bytes and tag (docs/performance.md, "MGRIT scaling").
 * :func:`abort_on_exception` turns an exception on any rank into a clear
   message and an ``MPI_Abort`` of the whole job, so no rank is left waiting in
   a receive that will never come.
@@ -32,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mgrit_gru.core.trace import NULL_TRACER
 from mgrit_gru.errors import InputError
 
 try:  # mpi4py is a hard dependency, but the serial stand-in must work without it
@@ -114,14 +120,20 @@ class Request:
     """A pending non-blocking operation; keeps its buffer alive until waited on
     (and then runs its completion: a staged receive's copy to the device)."""
 
-    __slots__ = ("_req", "_buf", "_done")
+    __slots__ = ("_req", "_buf", "_done", "_trace")
 
-    def __init__(self, req, buf, done: Callable[[], None] | None = None):
+    def __init__(self, req, buf, done: Callable[[], None] | None = None, trace=None):
         self._req, self._buf, self._done = req, buf, done
+        self._trace = trace      # (tracer, request id) when traced
 
     def wait(self) -> None:
         if self._req is not None:
-            self._req.Wait()
+            if self._trace is None:
+                self._req.Wait()
+            else:
+                tracer, rid = self._trace
+                with tracer.comm("wait", request=rid):
+                    self._req.Wait()
             done, self._req, self._buf, self._done = self._done, None, None, None
             if done is not None:
                 done()
@@ -142,6 +154,8 @@ class Comm:
         self.stage = bool(stage)
         self._cuda_aware = cuda_aware
         self._pool = _HostPool()
+        #: the timeline every call is recorded on (NULL_TRACER: none)
+        self.tracer = NULL_TRACER
 
     @property
     def cuda_aware(self) -> bool:
@@ -232,13 +246,23 @@ class Comm:
     # -- point to point ---------------------------------------------------
     def send(self, t: torch.Tensor, dest: int, tag: int = 0) -> None:
         buf, host = self._outgoing(t)
-        self._c.Send(buf, dest=dest, tag=tag)
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("send", dest, _nbytes(t), tag):
+                self._c.Send(buf, dest=dest, tag=tag)
+        else:
+            self._c.Send(buf, dest=dest, tag=tag)
         if host is not None:
             self._pool.give(host)
 
     def recv(self, out: torch.Tensor, source: int, tag: int = 0) -> torch.Tensor:
         buf, done = self._incoming(out)
-        self._c.Recv(buf, source=source, tag=tag)
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("recv", source, _nbytes(out), tag):
+                self._c.Recv(buf, source=source, tag=tag)
+        else:
+            self._c.Recv(buf, source=source, tag=tag)
         if done is not None:
             done()
         return out
@@ -246,10 +270,22 @@ class Comm:
     def isend(self, t: torch.Tensor, dest: int, tag: int = 0) -> Request:
         buf, host = self._outgoing(t)
         done = None if host is None else (lambda: self._pool.give(host))
+        tracer = self.tracer
+        if tracer.enabled:
+            rid = tracer.request()
+            with tracer.comm("isend", dest, _nbytes(t), tag, rid):
+                req = self._c.Isend(buf, dest=dest, tag=tag)
+            return Request(req, buf, done, (tracer, rid))
         return Request(self._c.Isend(buf, dest=dest, tag=tag), buf, done)
 
     def irecv(self, out: torch.Tensor, source: int, tag: int = 0) -> Request:
         buf, done = self._incoming(out)
+        tracer = self.tracer
+        if tracer.enabled:
+            rid = tracer.request()
+            with tracer.comm("irecv", source, _nbytes(out), tag, rid):
+                req = self._c.Irecv(buf, source=source, tag=tag)
+            return Request(req, buf, done, (tracer, rid))
         return Request(self._c.Irecv(buf, source=source, tag=tag), buf, done)
 
     # -- collectives ------------------------------------------------------
@@ -262,7 +298,12 @@ class Comm:
             return t
         mpi_op = getattr(MPI, _OPS[op])
         buf, host = self._outgoing(t)
-        self._c.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("allreduce", nbytes=_nbytes(t)):
+                self._c.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
+        else:
+            self._c.Allreduce(MPI.IN_PLACE, buf, op=mpi_op)
         if host is not None:
             t.detach().view(-1).copy_(host)
             self._pool.give(host)
@@ -274,17 +315,30 @@ class Comm:
         if self._c is None or self.size == 1:
             return float(x)
         buf = np.array([float(x)], dtype=np.float64)
-        self._c.Allreduce(MPI.IN_PLACE, buf, op=getattr(MPI, _OPS[op]))
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("allreduce", nbytes=8):
+                self._c.Allreduce(MPI.IN_PLACE, buf, op=getattr(MPI, _OPS[op]))
+        else:
+            self._c.Allreduce(MPI.IN_PLACE, buf, op=getattr(MPI, _OPS[op]))
         return float(buf[0])
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         if self._c is None or self.size == 1:
             return obj
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("bcast", root, _pickled_size(obj) if self.rank == root else 0):
+                return self._c.bcast(obj, root=root)
         return self._c.bcast(obj, root=root)
 
     def allgather_object(self, obj: Any) -> list:
         if self._c is None or self.size == 1:
             return [obj]
+        tracer = self.tracer
+        if tracer.enabled:
+            with tracer.comm("allgather", nbytes=_pickled_size(obj)):
+                return self._c.allgather(obj)
         return self._c.allgather(obj)
 
     def node_size(self) -> int:
@@ -300,12 +354,30 @@ class Comm:
 
     def barrier(self) -> None:
         if self._c is not None:
-            self._c.Barrier()
+            tracer = self.tracer
+            if tracer.enabled:
+                with tracer.comm("barrier"):
+                    self._c.Barrier()
+            else:
+                self._c.Barrier()
 
     def free(self) -> None:
         if self._c is not None and self._c != MPI.COMM_WORLD:
             self._c.Free()
             self._c = None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _pickled_size(obj: Any) -> int:
+    """Bytes of a pickled object (what mpi4py sends for it; traced calls only)."""
+    import pickle
+    try:
+        return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # noqa: BLE001 - an object mpi4py would refuse too
+        return 0
 
 
 def world_size() -> int:

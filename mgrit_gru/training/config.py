@@ -157,6 +157,10 @@ class TrainConfig:
                            "after the last)")
     checkpoint_every: int = _opt(1, "write checkpoint.pt every N epochs (and "
                                  "after the last)")
+    trace: bool = _opt(False, "write each rank's timeline of the first trace_batches "
+                       "batches of the run's first epoch to trace/ in the run folder "
+                       "(Chrome trace / Perfetto JSON, docs/usage.md)")
+    trace_batches: int = _opt(4, "batches recorded by --trace")
     progress: str = _opt("auto", "progress bar over batches (auto: when stderr "
                          "is a terminal)", choices=PROGRESS)
     # reliability (docs/reliability.md)
@@ -199,7 +203,7 @@ class TrainConfig:
 
 _POSITIVE = {"hidden", "layers", "epochs", "batch_size", "workers", "threads", "levels",
              "time_ranks", "max_train", "max_test", "max_len", "eval_every",
-             "checkpoint_every", "fwd_iters", "bwd_iters"}
+             "checkpoint_every", "fwd_iters", "bwd_iters", "trace_batches"}
 
 
 _NON_NEGATIVE = {"exact_last_epochs", "grad_check_every", "checkpoint_batches",

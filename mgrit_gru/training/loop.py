@@ -73,6 +73,7 @@ from mgrit_gru.training.setup import (build_model, check_options, choose_device,
                                       make_optimizer, make_propagator, resolve_config)
 from mgrit_gru.training.signals import StopSignals
 from mgrit_gru.training.strategies import Strategy, make_strategy
+from mgrit_gru.training.tracing import RunTrace
 from mgrit_gru.training.update import (EPOCH_STATS, BatchUpdate, SolverStats, TensorSplit,
                                        set_sample_ids)
 
@@ -125,6 +126,8 @@ class _Run:
                  device: torch.device):
         self.config, self.comm, self.run, self.stop, self.device = config, comm, run, stop, device
         self.time_comm, self.data_comm = comm.split_grid(config.time_ranks)
+        # --trace: the time group's timeline of the first batches (training/tracing.py)
+        self.trace = RunTrace.start(config, comm, self.time_comm, self.data_comm, run.path)
         data_name = DEFAULT_DATASET if config.data == "default" else config.data
         self.dataset: Dataset = load_dataset(data_name, max_train=config.max_train,
                                              max_test=config.max_test, max_len=config.max_len)
@@ -283,6 +286,9 @@ class _Run:
                 bar.update(end - pos)
                 pos = end
                 self._sync_point(epoch, pos, n_batches, bad, partial, tic)
+        if self.trace is not None:   # fewer batches than --trace-batches
+            self.trace.finish(self.run)
+            self.trace = None
         self._end_epoch(epoch, serial_epoch, partial, tic)
 
     def _segment(self, strategy: Strategy, batches: list, pos: int, end: int,
@@ -290,7 +296,11 @@ class _Run:
         """Train batches ``pos`` to ``end - 1`` of the epoch and add them to
         ``partial``; the first bad batch ``(index, what)`` (not one skipped), or None."""
         self.findings.clear()
-        result = strategy.run_epoch(self.model, self.optimizer, batches[pos:end], self.update)
+        step = self.update if self.trace is None else self.trace.wrap(self.update)
+        result = strategy.run_epoch(self.model, self.optimizer, batches[pos:end], step)
+        if self.trace is not None and self.trace.done:
+            self.trace.finish(self.run)
+            self.trace = None
         loss = result["train_loss"] * (end - pos)   # skipped batches add 0
         # the update's findings (a skipped batch is counted, not fatal), else the
         # segment's loss (workers) and the updated parameters
