@@ -472,3 +472,46 @@ def test_concurrent_first_builds_share_one_cache(built, tmp_path):
     assert len({out.split()[1] for out, _ in outs}) == 1
     res = _run_python(code, MGRIT_GRU_KERNEL_DIR=str(tmp_path), PATH="/nonexistent")
     assert res.returncode == 0 and res.stdout.split()[0] == "True", res.stderr
+
+
+# ------------------------------------------------------ projection gradients
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_proj_grads_and_param_grads_equal_the_cells(built, kind, dtype):
+    """proj_grads from given adjoints = the cell's vjp_proj; ParamGrads over two
+    chunks = the cell's param_grads and input_grad of the whole sequence."""
+    T, B, D, H, dt = 6, 3, 4, 5, 1.7
+    cell, x, xw, s0 = _setup(kind, dtype, T, B, D, H)
+    states, hw = _kernel_sweep(kind, cell, xw, s0, dt)
+    g = torch.randn(T, B, cell.state_size, dtype=dtype)
+    lin = cell.linearize(xw, states[:-1], dt, hw=hw)
+    ref_xw, ref_hw = cell.vjp_proj(lin, g)
+    got_xw = torch.full_like(ref_xw, float("nan"))
+    got_hw = torch.full_like(ref_hw, float("nan"))
+    kernels.proj_grads(kind, xw, hw, states[:-1], cell.weight_hh, dt, g, got_xw, got_hw)
+    torch.testing.assert_close(got_xw, ref_xw, **TOL[dtype])
+    torch.testing.assert_close(got_hw, ref_hw, **TOL[dtype])
+
+    ref = cell.param_grads(x, states[:-1], ref_xw, ref_hw, lin)
+    acc = kernels.ParamGrads({n: getattr(cell, n) for n in cell.param_names})
+    g_x = torch.empty(T, B, D, dtype=dtype)
+    for a, b in ((0, 4), (4, T)):
+        acc.add(x[a:b], states[a:b, :, :H], got_xw[a:b], got_hw[a:b])
+        acc.input_grad(got_xw[a:b], g_x[a:b])
+    got = acc.result()
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], **TOL[dtype])
+    torch.testing.assert_close(g_x, cell.input_grad(ref_xw), **TOL[dtype])
+
+
+def test_proj_grads_rejects_strided_blocks(built):
+    cell, x, xw, s0 = _setup("gru", torch.float64, 4, 3, 2, 5)
+    states, hw = _kernel_sweep("gru", cell, xw, s0, 1.0)
+    g = torch.randn(4, 3, 5, dtype=torch.float64)
+    gx, gh = torch.empty_like(xw), torch.empty_like(xw)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.proj_grads("gru", xw[::2], hw[::2], states[:-1:2], cell.weight_hh, 1.0, g[::2],
+                           gx[:2], gh[:2])
+    with pytest.raises(RuntimeError, match="two buffers"):
+        kernels.proj_grads("gru", xw, hw, states[:-1], cell.weight_hh, 1.0, g, gx, gx)

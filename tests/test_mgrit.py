@@ -12,7 +12,7 @@ import torch
 
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.errors import InputError
-from mgrit_gru.core.solver import MGRIT, MGRITSettings
+from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolverWorkspace
 from mgrit_gru.core.stepper import DahlquistStepper, StepperBase, TimeStepper
 
 U0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -166,8 +166,46 @@ def check_halo(comm):
             assert torch.isnan(out).all()
 
 
+def check_deferred_residuals_and_reused_buffers(comm):
+    """Without a tolerance the residual norms are reduced once at the end: the
+    same values as the per-iteration reduction a tolerance needs.  A workspace
+    reused across solves gives the same answer as fresh buffers, and keeps its
+    buffers (the second solve allocates nothing new)."""
+    n = 75
+    g = torch.Generator().manual_seed(5)
+    rhs = [torch.randn((n + 1, 3), generator=g, dtype=torch.float64) for _ in range(2)]
+    for cycle in ("V", "F"):
+        base = dict(levels=3, cfactor=4, max_iters=4, relax="FCF", cycle=cycle, nested=True)
+        infos = []
+        for tol in (0.0, 1e-300):      # 1e-300: never met, but tested every iteration
+            solver = MGRIT(_stepper(), comm, n, MGRITSettings(abs_tol=tol, **base))
+            lo, hi = solver.fine_range.lo, solver.fine_range.hi
+            infos.append(solver.solve(u0=U0, rhs=rhs[0][lo:hi])[1])
+        deferred, immediate = infos
+        assert len(deferred.residuals) == len(immediate.residuals) == 5
+        assert not deferred.converged and not immediate.converged
+        for a, b in zip(deferred.residuals, immediate.residuals):
+            assert math.isclose(a, b, rel_tol=1e-12), (deferred.residuals, immediate.residuals)
+
+        ws = SolverWorkspace()
+        s = MGRITSettings(**base)
+        fresh, _ = MGRIT(_stepper(), comm, n, s).solve(u0=U0, rhs=rhs[0][lo:hi])
+        first, _ = MGRIT(_stepper(), comm, n, s, workspace=ws).solve(u0=U0, rhs=rhs[0][lo:hi])
+        kept = {k: v for k, v in ws.free.items()}
+        assert kept, "the coarse levels took no buffers from the workspace"
+        MGRIT(_stepper(), comm, n, s, workspace=ws).solve(u0=U0, rhs=rhs[1][lo:hi])
+        again, _ = MGRIT(_stepper(), comm, n, s, workspace=ws).solve(u0=U0, rhs=rhs[0][lo:hi])
+        assert ws.free.keys() == kept.keys()
+        assert all(ws.free[k] is v for k, v in kept.items())
+        # the same operations in the same order: the same numbers, dirty buffers or not
+        assert torch.equal(first, fresh) and torch.equal(again, fresh)
+        truth = _stepper().sequential(U0, n, rhs[0])[lo:hi]
+        assert (fresh - truth).abs().max() < (truth.abs().max() + 1)   # a sane solve
+
+
 CHECKS = [check_converges_to_sequential, check_two_level_f_exact_after_nc_iterations,
-          check_residuals_independent_of_p, check_reverse_time, check_access_flags, check_halo]
+          check_residuals_independent_of_p, check_reverse_time, check_access_flags, check_halo,
+          check_deferred_residuals_and_reused_buffers]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda f: f.__name__)

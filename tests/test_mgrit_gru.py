@@ -59,17 +59,20 @@ def check_forward_states_equal_serial(comm):
 
 
 def check_gradients_equal_bptt(comm):
-    for pooling in ["last", "mean"]:
-        for n in [37, 64]:
-            model = _model(pooling)
-            x, lengths, y = _batch(n, seed=n)
-            l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
-            prop = MGRITPropagator(comm, TIGHT)
-            l_mg, g_mg = _loss_and_grads(model, prop, x, lengths, y)
-            assert abs(l_ref - l_mg) < 1e-10
-            assert prop.last_stats["bwd_residual"] <= 1e-13
-            for name in g_ref:
-                assert torch.allclose(g_mg[name], g_ref[name], rtol=0, atol=1e-9), (pooling, n, name)
+    # every cell: the kernels' fused paths (projection gradients, adjoint steps) per cell
+    cases = [(pooling, n, "implicit-gru") for pooling in ["last", "mean"] for n in [37, 64]]
+    cases += [("mean", 37, cell) for cell in ["gru", "lstm", "rnn"]]
+    for pooling, n, cell in cases:
+        model = _model(pooling, cell=cell)
+        x, lengths, y = _batch(n, seed=n)
+        l_ref, g_ref = _loss_and_grads(model, AutogradPropagator(), x, lengths, y)
+        prop = MGRITPropagator(comm, TIGHT)
+        l_mg, g_mg = _loss_and_grads(model, prop, x, lengths, y)
+        assert abs(l_ref - l_mg) < 1e-10
+        assert prop.last_stats["bwd_residual"] <= 1e-13
+        for name in g_ref:
+            assert torch.allclose(g_mg[name], g_ref[name], rtol=0, atol=1e-9), \
+                (pooling, n, cell, name)
 
 
 def check_inexact_gradient_is_a_descent_direction(comm):
@@ -145,16 +148,17 @@ def check_options_converge_to_bptt(comm):
 
 def check_input_gradient(comm):
     """x.grad under MGRIT (a layer before the recurrence needs it) equals BPTT's."""
-    model = _model("mean")
-    x, lengths, y = _batch(40, seed=9)
-    grads = []
-    for prop in (AutogradPropagator(), MGRITPropagator(comm, TIGHT)):
-        model.propagator = prop
-        xr = x.clone().requires_grad_(True)
-        F.cross_entropy(model(xr, lengths), y).backward()
-        grads.append(xr.grad)
-    assert grads[1] is not None
-    assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-10)
+    for cell in ("implicit-gru", "lstm"):
+        model = _model("mean", cell=cell)
+        x, lengths, y = _batch(40, seed=9)
+        grads = []
+        for prop in (AutogradPropagator(), MGRITPropagator(comm, TIGHT)):
+            model.propagator = prop
+            xr = x.clone().requires_grad_(True)
+            F.cross_entropy(model(xr, lengths), y).backward()
+            grads.append(xr.grad)
+        assert grads[1] is not None
+        assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-10), cell
 
 
 def check_warm_start(comm):

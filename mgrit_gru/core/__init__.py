@@ -15,6 +15,7 @@ __all__ = [
     "MGRITSettings",
     "Partition",
     "SolveInfo",
+    "SolverWorkspace",
     "StepperBase",
     "TimeGrid",
     "TimeStepper",
@@ -38,6 +39,7 @@ _EXPORTS = {
     "MGRIT": "solver",
     "MGRITSettings": "solver",
     "SolveInfo": "solver",
+    "SolverWorkspace": "solver",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

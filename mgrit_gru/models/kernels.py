@@ -28,6 +28,10 @@ last stride; equations and layouts in docs/kernels.md):
     one adjoint step recomputing the gates: ``out = rhs + J^T g``.
 ``vjp_lin(kind, lin, g, w_hh, out, rhs=None)``
     the same from a cell's ``linearize`` tuple (the MGRIT adjoint stepper's).
+``proj_grads(kind, xw, hw, s_prev, w_hh, dt, g, g_xw, g_hw)``
+    ``dL/dxw``, ``dL/dhw`` of ``T`` steps from given adjoints ``g[t] =
+    dL/ds_{t+1}`` (an MGRIT adjoint): elementwise, no recursion;
+    :class:`ParamGrads` turns them into parameter gradients.
 
 :func:`kind_of` gives a cell's ``kind`` when the kernels can run it on given
 tensors (None: keep the torch path). :func:`available` says whether the
@@ -66,6 +70,8 @@ __all__ = [
     "forward_sweep",
     "input_projection",
     "kind_of",
+    "ParamGrads",
+    "proj_grads",
     "step",
     "supports",
     "sweep_backward",
@@ -308,6 +314,65 @@ def vjp_lin(kind: str, lin, g: Tensor, w_hh: Tensor, out: Tensor, rhs: Tensor | 
     return _mod().vjp_lin(_code(kind), list(lin), g, w_hh, out, rhs, g_hw_out)
 
 
+def proj_grads(kind: str, xw: Tensor, hw: Tensor, s_prev: Tensor, w_hh: Tensor, dt: float,
+               g: Tensor, g_xw: Tensor, g_hw: Tensor) -> tuple[Tensor, Tensor]:
+    """``(g_xw, g_hw)`` of ``T`` steps ``s_prev[t] -> s_{t+1}`` from the adjoints
+    ``g [T, B, S]`` (``dL/ds_{t+1}``); all ``[T, B, .]`` blocks contiguous. For
+    the LSTM and RNN ``g_xw`` may be ``g_hw``."""
+    _mod().proj_grads(_code(kind), xw, hw, s_prev, w_hh, float(dt), g, g_xw, g_hw)
+    return g_xw, g_hw
+
+
+class ParamGrads:
+    """Parameter (and input) gradients accumulated over chunks of steps.
+
+    ``add(x, h, g_xw, g_hw)`` takes a chunk's inputs ``x [n, B, D]``, the
+    hidden parts of the states its steps started from ``h [n, B, H]`` and its
+    projection gradients ``[n, B, G H]``; four GEMM/GEMV calls per chunk, into
+    transposed accumulators (``[D, G H] = x^T g_xw`` is ~5x faster than
+    ``[G H, D] = g_xw^T x`` for small ``D`` with MKL, docs/kernels.md).
+    ``input_grad(g_xw, out)`` writes ``dL/dx = g_xw W_ih`` of a chunk.
+    ``result()`` gives ``{name: grad}`` in the parameters' layout.
+    """
+
+    def __init__(self, params: dict[str, Tensor]):
+        w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+        self.w_ih = w_ih
+        GH, H = w_hh.shape
+        self.gw_ih_t = w_ih.new_zeros(w_ih.shape[1], GH)
+        self.gw_hh_t = w_hh.new_zeros(H, GH)
+        self.bias = params.get("bias_ih") is not None
+        self.gb_ih = w_hh.new_zeros(GH) if self.bias else None
+        self.gb_hh = w_hh.new_zeros(GH) if self.bias else None
+        self._ones = w_hh.new_ones(0)
+
+    def add(self, x: Tensor, h: Tensor, g_xw: Tensor, g_hw: Tensor) -> None:
+        n = g_xw.shape[0] * g_xw.shape[1]
+        GH = g_xw.shape[-1]
+        gx2, gh2 = g_xw.reshape(n, GH), g_hw.reshape(n, GH)
+        with torch.no_grad():
+            self.gw_ih_t.addmm_(x.reshape(n, -1).t(), gx2)
+            self.gw_hh_t.addmm_(h.reshape(n, h.shape[-1]).t(), gh2)
+            if self.bias:
+                if self._ones.numel() < n:
+                    self._ones = gx2.new_ones(n)
+                self.gb_ih.addmv_(gx2.t(), self._ones[:n])
+                self.gb_hh.addmv_(gh2.t(), self._ones[:n])
+
+    def input_grad(self, g_xw: Tensor, out: Tensor) -> Tensor:
+        n = g_xw.shape[0] * g_xw.shape[1]
+        with torch.no_grad():
+            torch.mm(g_xw.reshape(n, g_xw.shape[-1]), self.w_ih, out=out.view(n, -1))
+        return out
+
+    def result(self) -> dict[str, Tensor]:
+        grads = {"weight_ih": self.gw_ih_t.t().contiguous(),
+                 "weight_hh": self.gw_hh_t.t().contiguous()}
+        if self.bias:
+            grads["bias_ih"], grads["bias_hh"] = self.gb_ih, self.gb_hh
+        return grads
+
+
 # ------------------------------------------------------- chunked backward
 def sweep_backward(kind: str, x: Tensor, xw: Tensor, hw: Tensor, states: Tensor,
                    params: dict[str, Tensor], dt: float, lam: Tensor, *,
@@ -329,7 +394,7 @@ def sweep_backward(kind: str, x: Tensor, xw: Tensor, hw: Tensor, states: Tensor,
     when ``input_grad`` (else None).
     """
     T, B, GH = xw.shape
-    w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+    w_hh = params["weight_hh"]
     H = w_hh.shape[1]
     if chunk is None:
         chunk = max(16, 2048 // B)
@@ -342,15 +407,8 @@ def sweep_backward(kind: str, x: Tensor, xw: Tensor, hw: Tensor, states: Tensor,
             buf = torch.empty(2 * chunk * B * GH, dtype=xw.dtype)
             if work is not None:
                 work["kernels_g"] = buf
-        # transposed accumulators: [D, G H] = x^T g_xw is ~5x faster than
-        # [G H, D] = g_xw^T x for small D with MKL (measured, docs/kernels.md)
-        gw_ih_t = w_ih.new_zeros(w_ih.shape[1], GH)
-        gw_hh_t = w_hh.new_zeros(H, GH)
-        bias = "bias_ih" in params and params["bias_ih"] is not None
-        gb_ih = xw.new_zeros(GH) if bias else None
-        gb_hh = xw.new_zeros(GH) if bias else None
-        g_x = xw.new_empty(T, B, w_ih.shape[1]) if input_grad else None
-        ones = xw.new_ones(chunk * B) if bias else None
+        acc = ParamGrads(params)
+        g_x = xw.new_empty(T, B, params["weight_ih"].shape[1]) if input_grad else None
         for stop in range(T, 0, -chunk):
             start = max(stop - chunk, 0)
             n = stop - start
@@ -359,15 +417,7 @@ def sweep_backward(kind: str, x: Tensor, xw: Tensor, hw: Tensor, states: Tensor,
             mod.backward_sweep(code, xw[start:stop], hw[start:stop], states[start:stop], w_hh,
                                float(dt), lam[start:stop], g_xw, g_hw,
                                lam[start - 1] if start > 0 else None)
-            gx2, gh2 = g_xw.view(n * B, GH), g_hw.view(n * B, GH)
-            gw_ih_t.addmm_(x[start:stop].reshape(n * B, -1).t(), gx2)
-            gw_hh_t.addmm_(states[start:stop, :, :H].reshape(n * B, H).t(), gh2)
-            if bias:
-                gb_ih.addmv_(gx2.t(), ones[: n * B])
-                gb_hh.addmv_(gh2.t(), ones[: n * B])
+            acc.add(x[start:stop], states[start:stop, :, :H], g_xw, g_hw)
             if g_x is not None:
-                torch.mm(gx2, w_ih, out=g_x[start:stop].view(n * B, -1))
-    grads = {"weight_ih": gw_ih_t.t().contiguous(), "weight_hh": gw_hh_t.t().contiguous()}
-    if bias:
-        grads["bias_ih"], grads["bias_hh"] = gb_ih, gb_hh
-    return grads, g_x
+                acc.input_grad(g_xw, g_x[start:stop])
+    return acc.result(), g_x

@@ -46,11 +46,12 @@ import torch
 from torch import Tensor
 
 from mgrit_gru.core.comm import Comm
-from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolveInfo
+from mgrit_gru.core.solver import MGRIT, MGRITSettings, SolveInfo, SolverWorkspace
 from mgrit_gru.errors import InputError
 from mgrit_gru.models.cells import RecurrentCell
 from mgrit_gru.models.common import (as_pooling, bound_params, check_inputs, flushing_denormals,
                                      param_names, project_inputs)
+from mgrit_gru.models import kernels
 from mgrit_gru.models.serial import SerialPropagator
 from mgrit_gru.models.steppers import CellAdjointStepper, CellForwardStepper, Inputs
 
@@ -180,7 +181,8 @@ class _MGRITFunction(torch.autograd.Function):
     def forward(ctx, prop, cell, x, lengths, steps, pooling, ids, *params):
         comm: Comm = prop.comm
         B, H, N = x.shape[0], cell.hidden_size, steps
-        lo, hi, first_input, x_tm, xw, h, hw, inputs = prop._solve(cell, x, steps, ids)
+        with comm.tracer.phase("fwd"):
+            lo, hi, first_input, x_tm, xw, h, hw, inputs = prop._solve(cell, x, steps, ids)
 
         # features: this rank's share, summed over time ranks; the forward's step
         # count rides along in the same allreduce
@@ -216,14 +218,17 @@ class _MGRITFunction(torch.autograd.Function):
         # through long sequences: float32 subnormals would make every step slow
         with torch.no_grad(), bound_params(cell, dict(zip(names, params))), \
                 flushing_denormals(h.dtype == torch.float32):
-            adj = CellAdjointStepper(cell, grid, h, lo, xw, first_input, B, hw=ctx.hw,
-                                     inputs=ctx.inputs)
-            bwd_solver = MGRIT(adj, comm, grid, settings, log=prop.log)
+            with comm.tracer.phase("adjoint_linearise"):
+                adj = CellAdjointStepper(cell, grid, h, lo, xw, first_input, B, hw=ctx.hw,
+                                         inputs=ctx.inputs)
+            bwd_solver = MGRIT(adj, comm, grid, settings, log=prop.log,
+                               workspace=prop._workspaces["bwd"])
             # solver rows run in reversed time: row k is forward point hi-1-k
             rhs = src.flip(0)
             u0 = rhs[0] if hi - 1 == N else None
             guess, mask = prop._guess("bwd", ctx.ids, bwd_solver, N, (B, S), h.dtype, g_feat)
-            lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs, guess_c=guess, guess_mask=mask)
+            with comm.tracer.phase("bwd"):
+                lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs, guess_c=guess, guess_mask=mask)
             prop._record("bwd", info)
             prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev, g_feat)
             lam = lam_rev.flip(0)                  # lam[t - lo], t = lo..hi-1
@@ -247,19 +252,56 @@ class _MGRITFunction(torch.autograd.Function):
                 views.append(flat[offset:offset + n].view(shape))
                 offset += n
             g_x = flat[n_par:n_par + n_x].view(x.shape) if want_x else None
-            for t0, t1, lin in adj.fine_chunks:
-                g_xw, g_hw = cell.vjp_proj(lin, lam_next[t0 - lo:t1 - lo])
-                local = cell.param_grads(x_tm[t0 - first_input:t1 - first_input],
-                                         h[t0 - lo:t1 - lo], g_xw, g_hw, lin)
-                for name, view in zip(names, views):
-                    view += local[name]
-                if g_x is not None:   # the step t -> t+1 reads input t
-                    g_x[:, t0:t1] = cell.input_grad(g_xw).transpose(0, 1)
+            with comm.tracer.phase("param_grads"):
+                if adj.kind is not None:     # fused projection gradients + chunk GEMMs
+                    grads = _kernel_param_grads(adj.kind, cell, adj.fine_chunks, x_tm, xw,
+                                                ctx.hw, h, lam_next, lo, first_input, g_x)
+                    for name, view in zip(names, views):
+                        view += grads[name]
+                for t0, t1, lin in ([] if adj.kind is not None else adj.fine_chunks):
+                    g_xw, g_hw = cell.vjp_proj(lin, lam_next[t0 - lo:t1 - lo])
+                    local = cell.param_grads(x_tm[t0 - first_input:t1 - first_input],
+                                             h[t0 - lo:t1 - lo], g_xw, g_hw, lin)
+                    for name, view in zip(names, views):
+                        view += local[name]
+                    if g_x is not None:   # the step t -> t+1 reads input t
+                        g_x[:, t0:t1] = cell.input_grad(g_xw).transpose(0, 1)
             flat[-1] = sum(info.steps)
             comm.allreduce_(flat)
             prop.last_stats["bwd_steps"] = float(flat[-1])
         ctx.h = ctx.xw = ctx.x_tm = ctx.hw = ctx.inputs = None
         return (None, None, g_x, None, None, None, None, *views)
+
+
+def _kernel_param_grads(kind, cell, fine_chunks, x_tm, xw, hw, h, lam_next, lo, first_input,
+                        g_x, max_chunk: int = 64):
+    """Parameter gradients of this rank's fine steps ``t -> t+1`` from the adjoint
+    ``lam_next[t - lo] = lam_{t+1}`` with the fused kernels: per chunk of up to
+    ``max_chunk`` steps one elementwise ``proj_grads`` call and a few GEMMs
+    (``kernels.ParamGrads``); ``g_x [B, T, D]`` (if given) receives ``dL/dx``."""
+    acc = kernels.ParamGrads({name: getattr(cell, name) for name in param_names(cell)})
+    H, B, GH = cell.hidden_size, h.shape[1], cell.proj_size
+    # the stepper's fine chunks are consecutive ranges: merged into longer ones
+    ranges = []
+    for t0, t1, _ in fine_chunks:
+        if ranges and ranges[-1][1] == t0 and t1 - ranges[-1][0] <= max_chunk:
+            ranges[-1][1] = t1
+        else:
+            ranges.append([t0, t1])
+    n_max = max((b - a for a, b in ranges), default=0)
+    buf = xw.new_empty(2, n_max, B, GH)
+    gxi = xw.new_empty(n_max, B, x_tm.shape[-1]) if g_x is not None else None
+    for t0, t1 in ranges:
+        n = t1 - t0
+        g_xw, g_hw = buf[0, :n], buf[1, :n]
+        i0, i1 = t0 - first_input, t1 - first_input
+        s_prev = h[t0 - lo:t1 - lo]
+        kernels.proj_grads(kind, xw[i0:i1], hw[t0 - lo:t1 - lo], s_prev, cell.weight_hh, 1.0,
+                           lam_next[t0 - lo:t1 - lo], g_xw, g_hw)
+        acc.add(x_tm[i0:i1], s_prev[..., :H], g_xw, g_hw)
+        if g_x is not None:   # the step t -> t+1 reads input t
+            g_x[:, t0:t1] = acc.input_grad(g_xw, gxi[:n]).transpose(0, 1)
+    return acc.result()
 
 
 class MGRITPropagator:
@@ -285,6 +327,8 @@ class MGRITPropagator:
         self._ids = None
         self._serial = SerialPropagator()
         self._said: set[str] = set()
+        # the solvers' coarse-level buffers, reused batch after batch (per thread)
+        self._workspaces = {"fwd": SolverWorkspace(), "bwd": SolverWorkspace()}
 
     def set_sample_ids(self, ids) -> None:
         """Name the sequences of the next :meth:`features` call (indices into the
@@ -385,7 +429,8 @@ class MGRITPropagator:
         B = x.shape[0]
         hw = x.new_empty(hi - lo, B, cell.proj_size)
         stepper = CellForwardStepper(cell, xw, first_input, B, hw=hw, lo=lo, inputs=inputs)
-        solver = MGRIT(stepper, self.comm, grid, settings, log=self.log)
+        solver = MGRIT(stepper, self.comm, grid, settings, log=self.log,
+                       workspace=self._workspaces["fwd"])
         guess, mask = self._guess("fwd", ids, solver, N, (B, cell.state_size), x.dtype)
         with flushing_denormals(x.dtype == torch.float32):
             h, info = solver.solve(guess_c=guess, guess_mask=mask)
@@ -432,7 +477,12 @@ class MGRITPropagator:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["warm"] = None if self.warm is None else WarmStarts(self.warm.limit)
+        del state["_workspaces"]        # buffers are neither copied nor pickled
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._workspaces = {"fwd": SolverWorkspace(), "bwd": SolverWorkspace()}
 
     def __repr__(self) -> str:
         o = self.options

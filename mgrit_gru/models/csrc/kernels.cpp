@@ -641,6 +641,42 @@ void backward_sweep(int64_t kind, const at::Tensor& xw, const at::Tensor& hw,
   }
 }
 
+// The projection gradients of T steps from given adjoints, no recursion:
+// g [T, B, S] = dL/ds_{t+1} of each step (e.g. an MGRIT adjoint); writes
+// g_xw, g_hw [T, B, G H] (may be one buffer for LSTM/RNN). Elementwise only:
+// the parameter gradients are the caller's GEMMs.
+void proj_grads(int64_t kind, const at::Tensor& xw, const at::Tensor& hw,
+                const at::Tensor& s_prev, const at::Tensor& w_hh, double dt,
+                const at::Tensor& g, at::Tensor g_xw, at::Tensor g_hw) {
+  at::NoGradGuard no_grad;
+  const Shape sh = shape_of(kind, w_hh);
+  check_dt(dt);
+  TORCH_CHECK(xw.dim() == 3 && hw.dim() == 3 && s_prev.dim() == 3 && g.dim() == 3 &&
+                  g_xw.dim() == 3 && g_hw.dim() == 3,
+              "mgrit_gru kernels: proj_grads needs 3-D xw, hw, s_prev, g, g_xw, g_hw");
+  const int64_t T = xw.size(0), B = xw.size(1), GH = sh.G * sh.H;
+  check_same_dtype({&xw, &hw, &s_prev, &g, &g_xw, &g_hw}, w_hh);
+  TORCH_CHECK(sh.G != 3 || !g_xw.is_same(g_hw),
+              "mgrit_gru kernels: the GRUs' g_xw and g_hw differ and need two buffers");
+  // [T, B, C] with rows of stride C: one [T B, C] matrix each (no copies)
+  auto flat = [&](const at::Tensor& t, const char* name, int64_t cols) {
+    TORCH_CHECK(t.size(0) == T && t.size(1) == B && t.size(2) == cols && t.stride(2) == 1 &&
+                    (T * B <= 1 || (t.stride(1) == cols && (T == 1 || t.stride(0) == B * cols))),
+                "mgrit_gru kernels: proj_grads: ", name, " must be a contiguous [", T, ", ", B,
+                ", ", cols, "] block, got ", t.sizes(), " with strides ", t.strides());
+    return t.view({T * B, cols});
+  };
+  const at::Tensor x2 = flat(xw, "xw", GH), hw2 = flat(hw, "hw", GH),
+                   s2 = flat(s_prev, "s_prev", sh.S), g2 = flat(g, "g", sh.S);
+  at::Tensor gx2 = flat(g_xw, "g_xw", GH), gh2 = flat(g_hw, "g_hw", GH);
+  if (T * B == 0) return;
+  if (xw.scalar_type() == at::kFloat) {
+    run_bwd<float>(sh, dt, x2, hw2, s2, g2, gx2, gh2, nullptr, false);
+  } else {
+    run_bwd<double>(sh, dt, x2, hw2, s2, g2, gx2, gh2, nullptr, false);
+  }
+}
+
 // One fused step for the MGRIT forward stepper.
 at::Tensor step(int64_t kind, const at::Tensor& xw_t, const at::Tensor& s, const at::Tensor& w_hh,
                 const c10::optional<at::Tensor>& b_hh, double dt, at::Tensor out,
@@ -815,6 +851,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vjp_step", &vjp_step, gil(), py::arg("kind"), py::arg("xw_t"), py::arg("s"),
         py::arg("w_hh"), py::arg("b_hh"), py::arg("dt"), py::arg("g"), py::arg("out"),
         py::arg("hw"), py::arg("rhs"), py::arg("g_xw_out"), py::arg("g_hw_out"));
+  m.def("proj_grads", &proj_grads, gil(), py::arg("kind"), py::arg("xw"), py::arg("hw"),
+        py::arg("s_prev"), py::arg("w_hh"), py::arg("dt"), py::arg("g"), py::arg("g_xw"),
+        py::arg("g_hw"));
   m.def("vjp_lin", &vjp_lin, gil(), py::arg("kind"), py::arg("lin"), py::arg("g"),
         py::arg("w_hh"), py::arg("out"), py::arg("rhs"), py::arg("g_hw_out"));
   m.def("input_projection", &input_projection, gil(), py::arg("x"), py::arg("w_ih"),
