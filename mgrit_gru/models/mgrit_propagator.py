@@ -231,11 +231,16 @@ class _MGRITFunction(torch.autograd.Function):
                 lam_rev, info = bwd_solver.solve(u0=u0, rhs=rhs, guess_c=guess, guess_mask=mask)
             prop._record("bwd", info)
             prop._keep("bwd", ctx.ids, bwd_solver, N, lam_rev, g_feat)
-            lam = lam_rev.flip(0)                  # lam[t - lo], t = lo..hi-1
-            # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}: lam at
-            # forward point hi is the solver point just before this rank's first one
-            lam_next = h.new_empty(hi - lo, B, S)
-            lam_next[:-1] = lam[1:]
+            # parameter VJPs of the steps t -> t+1 owned here need lam_{t+1}, in
+            # forward order: lam_next[k] = lam at point lo+k+1 = lam_rev[n-2-k] (one
+            # copy); lam at forward point hi is the solver point just before this
+            # rank's first one
+            n = hi - lo
+            lam_next = h.new_empty(n, B, S)
+            if n > 1:
+                torch.index_select(lam_rev[:n - 1], 0,
+                                   torch.arange(n - 2, -1, -1, device=h.device),
+                                   out=lam_next[:-1])
             bwd_solver.halo(lam_rev, lam_next[-1])
             # the steps t -> t+1 owned here (t = lo..min(hi, N)-1) were linearised
             # for the adjoint's fine level: reuse them.  One buffer for the
