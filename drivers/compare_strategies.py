@@ -50,6 +50,7 @@ from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
 from mgrit_gru.errors import InputError  # noqa: E402
 from mgrit_gru.training.strategies import make_strategy  # noqa: E402
 from mgrit_gru.training.evaluation import EVAL_BATCH, evaluate  # noqa: E402
+from mgrit_gru.training.loop import batching_options  # noqa: E402
 from mgrit_gru.training.setup import build_model, make_optimizer  # noqa: E402
 from mgrit_gru.training.update import BatchUpdate, TensorSplit  # noqa: E402
 
@@ -95,18 +96,26 @@ class Run:
         self.config = make_config(dict(
             cell=cell, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, epochs=args.epochs, seed=args.seed,
-            pooling=args.pooling, strategy=name, workers=self.workers, threads=1))
+            pooling=args.pooling, strategy=name, workers=self.workers, threads=1,
+            bucket_by_length=args.bucket_by_length))
+        self.batching = batching_options(self.config, dataset)
         self.model = build_model(self.config, dataset)
         self.optimizer = make_optimizer(self.config, self.model)
         self.step = BatchUpdate(train_data, self.model, Comm.serial())
+        self.n = train_data.n
         self.strategy = make_strategy(name, self.workers)
         tic = time.perf_counter()
         self.strategy.start(self.model, self.optimizer, self.step)
         self.startup = time.perf_counter() - tic
         self.losses, self.updates, self.seconds, self.other_load = [], [], [], []
 
-    def epoch(self, batches: list) -> None:
-        """Train one epoch on ``batches``; record loss, updates, time, load."""
+    def epoch(self, epoch: int) -> None:
+        """Train epoch ``epoch`` (the batches of ``mgrit-gru train``: seeded by
+        the seed and the epoch, length-bucketed as its options say); record
+        loss, updates, time, load."""
+        batches = list(batch_indices(self.n, self.config.batch_size, shuffle=True,
+                                     generator=np.random.default_rng([self.config.seed, epoch]),
+                                     **self.batching))
         torch.set_num_threads(1)
         pool = getattr(self.strategy, "pool", None)
         pids = [os.getpid()] + (pool.pids if pool is not None else [])
@@ -145,11 +154,9 @@ def run_cell(args, cell: str, strategies: list[str], dataset, train_data,
         for name in strategies:
             runs.append(Run(args, cell, name, dataset, train_data))
         for epoch in range(1, args.epochs + 1):
-            batches = list(batch_indices(train_data.n, args.batch_size, shuffle=True,
-                                         generator=np.random.default_rng([args.seed, epoch])))
             shift = (epoch - 1) % len(runs)
             for run in runs[shift:] + runs[:shift]:
-                run.epoch(batches)
+                run.epoch(epoch)
         return [run.record(dataset, test_data) for run in runs]
     finally:
         for run in runs:
@@ -168,7 +175,9 @@ def table(runs: list[dict], header: dict) -> str:
     lines = [f"Data {header['data']} ({header['train']}), {header['epochs']} epochs, hidden "
              f"{header['hidden']}, batch {header['batch_size']}, {header['optimizer']} lr "
              f"{header['lr']}, K = {header['workers']} worker processes (1 torch thread each; "
-             f"sequential: 1 thread), epochs of a cell's runs interleaved. "
+             f"sequential: 1 thread), "
+             f"{'length-bucketed' if header.get('bucketed') else 'uniformly random'} "
+             "minibatches, epochs of a cell's runs interleaved. "
              "Command: " + "; then ".join(f"`{c}`" for c in header["commands"]) + ".", "",
              "| cell | strategy | precision | recall | F-measure | training time (s) | "
              "speedup T(1)/T(K) | updates/epoch | other load |",
@@ -230,7 +239,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 #: Options that must agree for --replace to merge runs.
 _SAME = ("data", "workers", "epochs", "hidden", "batch_size", "lr", "optimizer", "pooling",
-         "seed", "max_train", "max_test")
+         "seed", "max_train", "max_test", "bucket_by_length")
 
 
 def _merge(path: Path, args, runs: list[dict], command: str) -> tuple[list[dict], list[str]]:
@@ -282,6 +291,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
+    p.add_argument("--bucket-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="length-bucketed minibatches (as mgrit-gru train: on for "
+                        "variable-length data)")
     p.add_argument("--out", default=str(ROOT / "drivers" / "results" / "strategies.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "strategies.md"),
                    help="markdown file whose table markers receive the table ('' to skip)")
@@ -327,7 +339,8 @@ def main(argv=None) -> int:
     header = {"data": Path(args.data).name, "train": n_train, "epochs": args.epochs,
               "hidden": args.hidden, "batch_size": args.batch_size,
               "optimizer": args.optimizer.upper() if args.optimizer == "sgd" else args.optimizer,
-              "lr": args.lr, "workers": args.workers, "commands": commands}
+              "lr": args.lr, "workers": args.workers, "commands": commands,
+              "bucketed": args.bucket_by_length}
     result = {"options": vars(args), "header": header, "runs": runs,
               "total_seconds": time.perf_counter() - tic,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),

@@ -14,6 +14,7 @@ __all__ = [
     "batch_indices",
     "builtin_datasets",
     "iterate_minibatches",
+    "lengths_vary",
     "load_dataset",
     "make_synthetic",
     "write_dataset",
@@ -30,6 +31,7 @@ _EXPORTS = {
     "write_dataset": "hdf5",
     "batch_indices": "batching",
     "iterate_minibatches": "batching",
+    "lengths_vary": "batching",
     "make_synthetic": "synthetic",
 }
 

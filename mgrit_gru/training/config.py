@@ -96,6 +96,10 @@ class TrainConfig:
     # optimisation
     epochs: int = _opt(20, "number of epochs")
     batch_size: int = _opt(32, "minibatch size (global, over all data groups)")
+    bucket_by_length: bool = _opt(True, "minibatches of sequences of similar lengths "
+                                  "(length bucketing, shuffled between epochs, from the "
+                                  "seed) when the training sequences' lengths vary; "
+                                  "--no-bucket-by-length: uniformly random minibatches")
     lr: float = _opt(0.01, "learning rate")
     optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
     seed: int = _opt(0, "random seed (initial weights and shuffling)")

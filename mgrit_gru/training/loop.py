@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 import mgrit_gru
 from mgrit_gru.core.comm import Comm
-from mgrit_gru.data import DEFAULT_DATASET, Dataset, batch_indices, load_dataset
+from mgrit_gru.data import DEFAULT_DATASET, Dataset, batch_indices, lengths_vary, load_dataset
 from mgrit_gru.errors import Diverged, InputError, Stopped
 from mgrit_gru.limits import check_resources
 from mgrit_gru.training.config import TrainConfig, flag
@@ -136,6 +136,7 @@ class _Run:
         torch.set_num_threads(config.threads)
         dtype = getattr(torch, config.dtype)
         self.train_data = TensorSplit(self.dataset.train, dtype, device)
+        self.batching = batching_options(config, self.dataset)
         self.test_data = TensorSplit(self.dataset.test, dtype, device)
         seq_len = self.dataset.train.seq_len
         if config.propagator == "mgrit" and seq_len < config.time_ranks:
@@ -217,7 +218,8 @@ class _Run:
                             "hostname": socket.gethostname(), "ranks": self.comm.size,
                             "time_ranks": config.time_ranks,
                             "data_groups": self.data_comm.size, "threads": config.threads,
-                            "device": str(self.device)}
+                            "device": str(self.device),
+                            "length_bucketing": bool(self.batching)}
         self._log_start(resume, warnings)
         # the gradient check's probe: the first batch_size training sequences, the whole
         # batch on every rank
@@ -267,7 +269,7 @@ class _Run:
         model.propagator = self.exact if serial_epoch else self.train_propagator
         order = np.random.default_rng([config.seed, epoch])
         batches = list(batch_indices(self.train_data.n, config.batch_size, shuffle=True,
-                                     generator=order))
+                                     generator=order, **self.batching))
         n_batches = len(batches)
         pos, partial = 0, _Partial()
         self.stats.reset()
@@ -447,6 +449,17 @@ def _final(epochs: list[dict]) -> dict:
     final = dict(epochs[-1])
     final["train_seconds"] = sum(e["seconds"] for e in epochs)
     return final
+
+
+def batching_options(config: TrainConfig, dataset: Dataset) -> dict:
+    """The length-bucketing arguments of :func:`~mgrit_gru.data.batch_indices`
+    for this run: ``bucket_by_length`` applies when the training sequences'
+    lengths vary; units of ``workers`` neighbouring batches, so that the
+    batches the workers run side by side have similar lengths."""
+    lengths = dataset.train.lengths
+    if not (config.bucket_by_length and lengths_vary(lengths)):
+        return {}
+    return {"lengths": lengths, "bucket": True, "group": config.workers}
 
 
 def _sync_batches(config: TrainConfig) -> int:
