@@ -12,7 +12,8 @@ oversubscribed on the 2-core machine).  Method:
    phases (input projection, access hook), the adjoint outside them, the
    adjoint linearisation and the parameter gradients; the rest of a batch
    (head, loss, pooling, sources) as ``r0 + r1 n`` (``n`` owned points),
-   fitted over the ranks of both traces.  Medians over the rounds.
+   fitted over the ranks of both traces (a negative coefficient is set to 0
+   and the other refitted).  Medians over the rounds.
 2. **Extrapolation.** For each (P, L, levels) the real solver runs as a
    skeleton (:mod:`mgrit_gru.core.skeleton`): every rank's real sequence of
    MPI calls (peers, tags, sizes), with compute segments ``sum_l steps_l x
@@ -152,7 +153,10 @@ def calibrate(folders: list[Path]) -> dict:
     nbar, rbar = statistics.fmean(ns), statistics.fmean(rs)
     var = sum((x - nbar) ** 2 for x in ns)
     r1 = sum((x - nbar) * (y - rbar) for x, y in zip(ns, rs)) / var if var else 0.0
-    cost["rest"] = [rbar - r1 * nbar, r1]
+    r0 = rbar - r1 * nbar
+    if r0 < 0 or r1 < 0:   # noise: a negative fixed (or per-point) cost would be optimistic
+        r0, r1 = (0.0, rbar / nbar) if r0 < 0 else (rbar, 0.0)
+    cost["rest"] = [r0, r1]
     cost["ranks_used"] = len(per)
     return cost
 
