@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import shlex
 import statistics
@@ -216,20 +217,9 @@ def driver(args) -> None:
         r += 1
     cases = []
     for P in (1, 2):
-        meas = statistics.median(rd[f"measured{P}"]["median"] for rd in rounds)
-        pred = statistics.median(rd[f"traced{P}"]["predicted_s"] for rd in rounds)
-        ratio = statistics.median(rd[f"traced{P}"]["predicted_s"] / rd[f"measured{P}"]["median"]
-                                  for rd in rounds)
-        traced_wall = statistics.median(statistics.median(rd[f"traced{P}"]["traced_wall_s"])
-                                        for rd in rounds)
+        stats = case_stats(rounds, P)
         last = trace_dir / f"L{L}-P{P}-round{len(rounds) - 1}"
-        cases.append({"P": P, "L": L, "measured_s": meas, "predicted_s": pred,
-                      "predicted_over_measured": ratio,
-                      "error_percent": 100 * (ratio - 1),
-                      "traced_wall_s": traced_wall,
-                      "tracer_overhead_percent": 100 * (traced_wall / meas - 1),
-                      "predicted_free_network_s": statistics.median(
-                          rd[f"traced{P}"]["predicted_free_network_s"] for rd in rounds),
+        cases.append({"P": P, "L": L, **stats,
                       "work_model_s": work_model(trace_dir / f"L{L}-P1-round{len(rounds) - 1}",
                                                  P, args.work_model_latency),
                       "trace": str(last)})
@@ -255,7 +245,7 @@ def driver(args) -> None:
            "workload": {**WORKLOAD, "length": L, "batches": args.batches,
                         "warmup": args.warmup},
            "extra_ranks_oversubscribed": extra,
-           "machine": {"cpu": "AMD EPYC", "cores": os.cpu_count(), "shared": True},
+           "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "shared": True},
            "rounds": rounds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
@@ -264,6 +254,39 @@ def driver(args) -> None:
               f"({c['error_percent']:+.1f} %), work model {c['work_model_s']:.3f} s, tracer "
               f"overhead {c['tracer_overhead_percent']:+.1f} %")
     print(f"wrote {args.out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def case_stats(rounds: list, P: int) -> dict:
+    """One case of the JSON from the rounds: medians over the quiet rounds (all
+    rounds if none was quiet) of the measured and the predicted time per batch,
+    and the error of the one against the other (so that ``predicted_s /
+    measured_s - 1`` is the error reported); the median of the per-round
+    ratios beside it."""
+    quiet = [rd for rd in rounds if not rd.get("noisy")] or rounds
+    meas = statistics.median(rd[f"measured{P}"]["median"] for rd in quiet)
+    pred = statistics.median(rd[f"traced{P}"]["predicted_s"] for rd in quiet)
+    traced_wall = statistics.median(statistics.median(rd[f"traced{P}"]["traced_wall_s"])
+                                    for rd in quiet)
+    return {"measured_s": meas, "predicted_s": pred,
+            "predicted_over_measured": pred / meas,
+            "error_percent": 100 * (pred / meas - 1),
+            "median_round_ratio": statistics.median(
+                rd[f"traced{P}"]["predicted_s"] / rd[f"measured{P}"]["median"] for rd in quiet),
+            "rounds_used": [i for i, rd in enumerate(rounds) if rd in quiet],
+            "traced_wall_s": traced_wall,
+            "tracer_overhead_percent": 100 * (traced_wall / meas - 1),
+            "predicted_free_network_s": statistics.median(
+                rd[f"traced{P}"]["predicted_free_network_s"] for rd in quiet)}
 
 
 def main(argv=None):
