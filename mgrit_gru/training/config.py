@@ -173,8 +173,9 @@ class TrainConfig:
     checkpoint_batches: int = _opt(0, "also write a checkpoint inside an epoch every N "
                                    "batches (0: off)")
     sync_batches: int = _opt(0, "batches between the points inside an epoch where a run may "
-                             "stop or checkpoint (0: 1 for sequential, 16 x workers for the "
-                             "strategies with workers, whose pipeline drains there)")
+                             "stop or checkpoint (0: 1 for sequential; for the strategies "
+                             "with workers, whose pipeline drains there, workers x max(16, "
+                             "ceil(2**17 / (batch_size x padded length))))")
     stop_signal: str = _opt("USR2", "signal that, like SIGTERM, makes the run checkpoint at "
                             "the next batch and exit with code 75 (not USR1: MPICH takes "
                             "it)", choices=STOP_SIGNALS)

@@ -31,8 +31,8 @@ last two checkpoints with digests, a lock). The layout of ``metrics.json`` is
 documented in docs/usage.md.
 
 An epoch runs in segments between *synchronisation points* (after every
-batch with the sequential strategy, every ``16 x workers`` batches with the
-others: ``sync_batches``). At each point the ranks agree, in one small
+batch with the sequential strategy, every ``workers x max(16, ceil(2**17 /
+(batch_size x T)))`` batches with the others: ``sync_batches``). At each point the ranks agree, in one small
 allreduce, on three things: a stop signal received by any rank
 (:class:`~mgrit_gru.training.signals.StopSignals`: checkpoint, then
 :class:`~mgrit_gru.errors.Stopped`), a timed checkpoint due on rank 0, and a
@@ -277,7 +277,7 @@ class _Run:
             pos, partial = min(self.start_batch, n_batches), self.partial0
             if self.stats0:
                 self.stats.load_state(self.stats0)
-        sync = _sync_batches(config)
+        sync = _sync_batches(config, self.dataset.train.seq_len)
         tic = time.perf_counter()
         with tqdm(total=n_batches, initial=pos, desc=f"epoch {epoch}/{config.epochs}",
                   unit="batch", leave=False, disable=not _show_progress(config, self.comm)) \
@@ -462,11 +462,25 @@ def batching_options(config: TrainConfig, dataset: Dataset) -> dict:
     return {"lengths": lengths, "bucket": True, "group": config.workers}
 
 
-def _sync_batches(config: TrainConfig) -> int:
+#: Default segment of the strategies with workers: at least this many
+#: sequence steps (batch size x padded length) per worker between two
+#: synchronisation points, and at least 16 batches per worker.
+SYNC_STEPS = 2 ** 17
+
+
+def _sync_batches(config: TrainConfig, seq_len: int) -> int:
     """Batches between two synchronisation points of an epoch (where a run may
     stop or write a mid-epoch checkpoint): ``sync_batches``, else 1 for the
-    sequential strategy and 16 x workers for the others (their pipeline
-    drains at each point, so the points are part of the run's definition)."""
+    sequential strategy and, for the others, ``workers x max(16,
+    ceil(SYNC_STEPS / (batch_size x seq_len)))``: their pipeline drains at
+    each point (so the points are part of the run's definition), which costs
+    each worker about one minibatch plus a message round trip (measured,
+    docs/strategies.md); short sequences get longer segments, so that a
+    segment is at least ``SYNC_STEPS`` sequence steps of work per worker
+    (a stop waits for at most one segment)."""
     if config.sync_batches:
         return config.sync_batches
-    return 1 if config.strategy == "sequential" else 16 * config.workers
+    if config.strategy == "sequential":
+        return 1
+    per_worker = max(16, -(-SYNC_STEPS // (config.batch_size * max(1, seq_len))))
+    return config.workers * per_worker
