@@ -125,9 +125,17 @@ def copy_state(dst: torch.optim.Optimizer, dst_params: Sequence[torch.Tensor],
 
 @torch.no_grad()
 def copy_params(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    """Copy the tensors ``src`` into ``dst``, one by one."""
+    """Copy the tensors ``src`` into ``dst`` (one multi-tensor call where
+    torch has it: fewer GIL-holding dispatches per update)."""
+    dst, src = list(dst), list(src)
+    if _FOREACH_COPY is not None and dst:
+        _FOREACH_COPY(dst, src)
+        return
     for d, s in zip(dst, src):
         d.copy_(s)
+
+
+_FOREACH_COPY = getattr(torch, "_foreach_copy_", None)
 
 
 def flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
