@@ -18,6 +18,10 @@ processes, interleaved round by round (A B C D, A B C D, ...):
                propagator), seed, batches (each process takes half of every
                global batch) and optimizer.
 
+All four use the batches of ``mgrit-gru train``: seeded per epoch and, on
+variable-length data, length-bucketed (``--no-bucket``: uniformly random,
+``--no-bucket-by-length`` in training).
+
 Reported per variant: the median epoch time over epochs 2.. (the first pays
 for start-up) and rounds, the speedup over ``serial``, and the test macro
 F-measure after the last epoch (exact inference).  The CPU time other
@@ -59,7 +63,8 @@ def _bin(name: str) -> str:
 def _train_args(a) -> list[str]:
     return ["--data", a.data, "--cell", a.cell, "--hidden", str(a.hidden), "--batch-size",
             str(a.batch), "--lr", str(a.lr), "--optimizer", a.optimizer, "--epochs",
-            str(a.epochs), "--seed", str(a.seed), "--progress", "off", "--threads", "1"]
+            str(a.epochs), "--seed", str(a.seed), "--progress", "off", "--threads", "1",
+            "--bucket-by-length" if a.bucket else "--no-bucket-by-length"]
 
 
 def run_variant(kind: str, a, tmp: Path) -> dict:
@@ -97,7 +102,7 @@ def run_variant(kind: str, a, tmp: Path) -> dict:
 def ddp_args(a) -> list[str]:
     return ["--data", a.data, "--cell", a.cell, "--hidden", str(a.hidden), "--batch",
             str(a.batch), "--lr", str(a.lr), "--optimizer", a.optimizer, "--epochs",
-            str(a.epochs), "--seed", str(a.seed)]
+            str(a.epochs), "--seed", str(a.seed)] + ([] if a.bucket else ["--no-bucket"])
 
 
 def _ddp_main(rank: int, a, port: int) -> None:
@@ -106,7 +111,7 @@ def _ddp_main(rank: int, a, port: int) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from mgrit_gru.data import batch_indices, load_dataset
+    from mgrit_gru.data import batch_indices, lengths_vary, load_dataset
     from mgrit_gru.models import SequenceClassifier
     from mgrit_gru.training.metrics import classification_metrics, confusion_matrix
 
@@ -123,12 +128,16 @@ def _ddp_main(rank: int, a, port: int) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = (torch.optim.SGD if a.optimizer == "sgd" else torch.optim.Adam)(model.parameters(),
                                                                           lr=a.lr)
-    rng = np.random.default_rng(a.seed)
+    # the batches of `mgrit-gru train` (one worker): seeded per epoch, bucketed by
+    # length when the lengths vary (unless --no-bucket)
+    bucket = dict(lengths=tr.lengths, bucket=True) \
+        if a.bucket and lengths_vary(tr.lengths) else {}
     times = []
-    for _ in range(a.epochs):
+    for epoch in range(1, a.epochs + 1):
+        rng = np.random.default_rng([a.seed, epoch])
         dist.barrier()
         t0 = time.perf_counter()
-        for idx in batch_indices(len(y), a.batch, shuffle=True, generator=rng):
+        for idx in batch_indices(len(y), a.batch, shuffle=True, generator=rng, **bucket):
             half = idx[rank::2]
             if len(half) == 0:
                 continue
@@ -163,6 +172,7 @@ def ddp_worker(argv) -> None:
     for opt in ("--hidden", "--batch", "--epochs", "--seed"):
         ap.add_argument(opt, type=int)
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--no-bucket", dest="bucket", action="store_false")
     a = ap.parse_args(argv)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -204,6 +214,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                    help="length-bucketed batches in every variant (training's default "
+                         "for variable-length data)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/ddp.json")
     a = ap.parse_args(argv)
