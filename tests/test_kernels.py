@@ -515,3 +515,22 @@ def test_proj_grads_rejects_strided_blocks(built):
                            gx[:2], gh[:2])
     with pytest.raises(RuntimeError, match="two buffers"):
         kernels.proj_grads("gru", xw, hw, states[:-1], cell.weight_hh, 1.0, g, gx, gx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dt", [1.0, 4.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_linearize_equals_the_cells(built, kind, dtype, dt):
+    """The GRUs' fused linearisation = cell.linearize (every part); the LSTM and
+    RNN have none (None: the torch linearize runs)."""
+    cell, x, xw, s0 = _setup(kind, dtype, 5, 3, 4, 7)
+    states, hw = _kernel_sweep(kind, cell, xw, s0, dt)
+    got = kernels.linearize(kind, xw, hw, states[:-1], cell.weight_hh, dt)
+    if kind not in ("implicit-gru", "gru"):
+        assert got is None
+        return
+    ref = cell.linearize(xw, states[:-1], dt, hw=hw)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOL[dtype])

@@ -28,6 +28,8 @@ last stride; equations and layouts in docs/kernels.md):
     one adjoint step recomputing the gates: ``out = rhs + J^T g``.
 ``vjp_lin(kind, lin, g, w_hh, out, rhs=None)``
     the same from a cell's ``linearize`` tuple (the MGRIT adjoint stepper's).
+``linearize(kind, xw, hw, s_prev, w_hh, dt)``
+    a GRU cell's ``linearize`` tuple in one pass (LSTM/RNN: None).
 ``proj_grads(kind, xw, hw, s_prev, w_hh, dt, g, g_xw, g_hw)``
     ``dL/dxw``, ``dL/dhw`` of ``T`` steps from given adjoints ``g[t] =
     dL/ds_{t+1}`` (an MGRIT adjoint): elementwise, no recursion;
@@ -70,6 +72,7 @@ __all__ = [
     "forward_sweep",
     "input_projection",
     "kind_of",
+    "linearize",
     "ParamGrads",
     "proj_grads",
     "step",
@@ -312,6 +315,25 @@ def vjp_lin(kind: str, lin, g: Tensor, w_hh: Tensor, out: Tensor, rhs: Tensor | 
     """``cell.vjp_state(lin, g)`` in one call: ``out = rhs + J^T g`` from the
     cell's ``lin`` tuple of one (batched) step; ``rhs`` may be ``out``."""
     return _mod().vjp_lin(_code(kind), list(lin), g, w_hh, out, rhs, g_hw_out)
+
+
+def linearize(kind: str, xw: Tensor, hw: Tensor, s_prev: Tensor, w_hh: Tensor,
+              dt: float) -> tuple | None:
+    """``cell.linearize(xw, s_prev, dt, hw=hw)`` of a GRU cell in one fused
+    pass (any leading dims, rows contiguous): ``(d, Chw [.., 3, H], C_n)``,
+    fresh tensors. None for the LSTM and RNN (their torch ``linearize`` is
+    used)."""
+    if kind not in ("implicit-gru", "gru"):
+        return None
+    H = w_hh.shape[1]
+    lead = xw.shape[:-1]
+    d = xw.new_empty(*lead, H)
+    chw = xw.new_empty(*lead, 3, H)
+    cn = xw.new_empty(*lead, H)
+    _mod().linearize_gru(_code(kind), xw.reshape(-1, 3 * H), hw.reshape(-1, 3 * H),
+                         s_prev.reshape(-1, H), w_hh, float(dt), d.view(-1, H),
+                         chw.view(-1, 3 * H), cn.view(-1, H))
+    return d, chw, cn
 
 
 def proj_grads(kind: str, xw: Tensor, hw: Tensor, s_prev: Tensor, w_hh: Tensor, dt: float,

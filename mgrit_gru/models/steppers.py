@@ -160,6 +160,15 @@ class CellAdjointStepper(StepperBase):
         self.device = states.device
         self.lins: list[dict[int, tuple]] = []
         self.fine_chunks: list[tuple[int, int, tuple]] = []
+        self.kind = kernels.kind_of(cell, states)   # fused C++ VJP, or None: torch path
+
+        def linearize(xw_, s_, dt, hw_):
+            # the GRUs' linearisation in one fused pass when the kernels run the cell
+            if self.kind is not None and hw_ is not None:
+                lin = kernels.linearize(self.kind, xw_, hw_, s_, cell.weight_hh, dt)
+                if lin is not None:
+                    return lin
+            return cell.linearize(xw_, s_, dt, hw=hw_)
         for level in grid.levels:
             rng = grid.range(level.index)
             k = level.stride
@@ -170,17 +179,19 @@ class CellAdjointStepper(StepperBase):
                 tc = ts[c:c + chunk]
                 if k == 1:   # consecutive points: slices, no copies
                     t0, t1 = tc[0], tc[-1] + 1
-                    lin = cell.linearize(xw[t0 - first_input:t1 - first_input],
-                                         states[t0 - t_lo:t1 - t_lo], 1.0,
-                                         hw=None if hw is None else hw[t0 - t_lo:t1 - t_lo])
+                    lin = linearize(xw[t0 - first_input:t1 - first_input],
+                                    states[t0 - t_lo:t1 - t_lo], 1.0,
+                                    None if hw is None else hw[t0 - t_lo:t1 - t_lo])
                     self.fine_chunks.append((t0, t1, lin))
                 else:
                     t = torch.tensor(tc, dtype=torch.long, device=states.device)
-                    lin = cell.linearize(inputs.interval(t + k, k), states[t - t_lo], float(k))
+                    # a coarse step from point t reads h_t: its hidden projection is
+                    # the fine one of point t (no GEMM)
+                    lin = linearize(inputs.interval(t + k, k), states[t - t_lo], float(k),
+                                    None if hw is None else hw[t - t_lo])
                 for i, t_i in enumerate(tc):
                     lins[self.N - t_i] = select_lin(lin, i)
             self.lins.append(lins)
-        self.kind = kernels.kind_of(cell, states)   # fused C++ VJP, or None: torch path
 
     def step(self, u, s_from, s_to, level, rhs=None, *, out):
         lin = self.lins[level][s_to]

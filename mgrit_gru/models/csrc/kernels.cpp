@@ -185,6 +185,38 @@ MG_INLINE void gru_bwd_row(int64_t H, T dt, const T* __restrict x, const T* __re
   }
 }
 
+// The GRU family's linearisation (cells.py _GRUFamily: lin = (d, Chw =
+// [C_r, C_z, C_n r], C_n)) of rows b0..b1, for the adjoint's vjp_lin.
+template <typename T>
+MG_INLINE void gru_lin_rows(bool implicit, int64_t b0, int64_t b1, int64_t H, T dt,
+                            Rows<const T> xw, Rows<const T> hw, Rows<const T> s, Rows<T> d_,
+                            Rows<T> chw_, Rows<T> cn_) {
+  const int64_t H2 = 2 * H;
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict x = xw[b];
+    const T* __restrict w = hw[b];
+    const T* __restrict h = s[b];
+    T* __restrict dd = d_[b];
+    T* __restrict c = chw_[b];
+    T* __restrict cn_row = cn_[b];
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = sig(x[j] + w[j]);
+      const T z = sig(x[H + j] + w[H + j]);
+      const T hn = w[H2 + j];
+      const T n = th(x[H2 + j] + r * hn);
+      const T d = implicit ? T(1) / (T(1) + dt * (T(1) - z)) : z;
+      const T cn = (T(1) - d) * (T(1) - n * n);
+      const T cz = (implicit ? dt * d * d : T(1)) * (h[j] - n) * z * (T(1) - z);
+      dd[j] = d;
+      cn_row[j] = cn;
+      c[j] = cn * hn * r * (T(1) - r);
+      c[H + j] = cz;
+      c[H2 + j] = cn * r;
+    }
+  }
+}
+
 // One row of the LSTM backward step (g = [g_h | g_c]); MODE as above, on
 // the cell-state half of acc.
 template <typename T, int MODE>
@@ -427,6 +459,14 @@ MG_CLONES void lin_kernel(MG_LIN_ARGS(float)) {
 }
 void lin_kernel(MG_LIN_ARGS(double)) {
   lin_rows<double>(kind, b0, b1, H, l0, l1, l2, l3, gs, ghw, acc, accumulate);
+}
+#define MG_GLIN_ARGS(T) bool implicit, int64_t b0, int64_t b1, int64_t H, T dt, \
+  Rows<const T> xw, Rows<const T> hw, Rows<const T> s, Rows<T> d, Rows<T> chw, Rows<T> cn
+MG_CLONES void glin_kernel(MG_GLIN_ARGS(float)) {
+  gru_lin_rows<float>(implicit, b0, b1, H, dt, xw, hw, s, d, chw, cn);
+}
+void glin_kernel(MG_GLIN_ARGS(double)) {
+  gru_lin_rows<double>(implicit, b0, b1, H, dt, xw, hw, s, d, chw, cn);
 }
 #define MG_PROJ_ARGS(T) int64_t r0, int64_t r1, int64_t D, int64_t G, Rows<const T> x, \
   const T* w_t, const T* bias, Rows<T> out
@@ -677,6 +717,38 @@ void proj_grads(int64_t kind, const at::Tensor& xw, const at::Tensor& hw,
   }
 }
 
+// The GRU family's linearisation of N rows (xw, hw [N, 3H], s [N, H]) into
+// d, c_n [N, H] and chw [N, 3H] (the cells' [N, 3, H] blocks as rows).
+void linearize_gru(int64_t kind, const at::Tensor& xw, const at::Tensor& hw, const at::Tensor& s,
+                   const at::Tensor& w_hh, double dt, at::Tensor d, at::Tensor chw,
+                   at::Tensor cn) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(kind == IMPLICIT_GRU || kind == GRU,
+              "mgrit_gru kernels: linearize_gru is for the two GRU cells");
+  const Shape sh = shape_of(kind, w_hh);
+  check_dt(dt);
+  const int64_t N = xw.size(0), H = sh.H;
+  check_rows(xw, "xw", N, 3 * H, w_hh);
+  check_rows(hw, "hw", N, 3 * H, w_hh);
+  check_rows(s, "s", N, H, w_hh);
+  check_rows(d, "d", N, H, w_hh);
+  check_rows(chw, "chw", N, 3 * H, w_hh);
+  check_rows(cn, "cn", N, H, w_hh);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const auto x_ = crow<T>(xw), hw_ = crow<T>(hw), s_ = crow<T>(s);
+    const auto d_ = rows<T>(d), c_ = rows<T>(chw), n_ = rows<T>(cn);
+    at::parallel_for(0, N, grain(3 * H), [&](int64_t b0, int64_t b1) {
+      glin_kernel(kind == IMPLICIT_GRU, b0, b1, H, static_cast<T>(dt), x_, hw_, s_, d_, c_, n_);
+    });
+  };
+  if (xw.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(double{});
+  }
+}
+
 // One fused step for the MGRIT forward stepper.
 at::Tensor step(int64_t kind, const at::Tensor& xw_t, const at::Tensor& s, const at::Tensor& w_hh,
                 const c10::optional<at::Tensor>& b_hh, double dt, at::Tensor out,
@@ -851,6 +923,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vjp_step", &vjp_step, gil(), py::arg("kind"), py::arg("xw_t"), py::arg("s"),
         py::arg("w_hh"), py::arg("b_hh"), py::arg("dt"), py::arg("g"), py::arg("out"),
         py::arg("hw"), py::arg("rhs"), py::arg("g_xw_out"), py::arg("g_hw_out"));
+  m.def("linearize_gru", &linearize_gru, gil(), py::arg("kind"), py::arg("xw"), py::arg("hw"),
+        py::arg("s"), py::arg("w_hh"), py::arg("dt"), py::arg("d"), py::arg("chw"),
+        py::arg("cn"));
   m.def("proj_grads", &proj_grads, gil(), py::arg("kind"), py::arg("xw"), py::arg("hw"),
         py::arg("s_prev"), py::arg("w_hh"), py::arg("dt"), py::arg("g"), py::arg("g_xw"),
         py::arg("g_hw"));
