@@ -37,20 +37,30 @@ KINDS = ("serial", "nngru", "mgrit1", "mgrit2")
 
 
 # --------------------------------------------------------------------------- worker
-def worker(args) -> None:
+def workload(args):
+    """The benchmark's batch on one thread: ``(comm, x, y, (B, D, H, C, N))``
+    (also the traced runs' of replay_validate.py)."""
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(1)
-    from mgrit_gru.models import MGRITOptions, MGRITPropagator
     from mgrit_gru.core.comm import Comm
-    from mgrit_gru.models import SequenceClassifier, SerialPropagator
 
     comm = Comm.world()
     torch.manual_seed(0)
     B, D, H, C, N = args.batch, 9, args.hidden, 6, args.length
     x = torch.randn(B, N, D)
     y = torch.randint(0, C, (B,))
+    return comm, x, y, (B, D, H, C, N)
+
+
+def worker(args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from mgrit_gru.models import MGRITOptions, MGRITPropagator
+    from mgrit_gru.models import SequenceClassifier, SerialPropagator
+
+    comm, x, y, (B, D, H, C, N) = workload(args)
     out = {"kind": args.kind, "length": N, "ranks": comm.size}
 
     if args.kind == "nngru":

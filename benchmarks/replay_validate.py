@@ -62,19 +62,12 @@ def network(path: Path) -> Network:
 # --------------------------------------------------------------------------- worker
 def worker(args) -> None:
     """One traced run (under ``mpiexec -n P``): warm-up, then ``--batches`` traced batches."""
-    import torch
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
-    from mgrit_gru.core.comm import Comm
     from mgrit_gru.core.trace import NULL_TRACER, Tracer
     from mgrit_gru.models import MGRITOptions, MGRITPropagator, SequenceClassifier
 
-    comm = Comm.world()
-    torch.manual_seed(0)
-    B, D, H, C, N = args.batch, 9, args.hidden, 6, args.length
-    x = torch.randn(B, N, D)
-    y = torch.randint(0, C, (B,))
+    comm, x, y, (B, D, H, C, N) = bench_mgrit.workload(args)
     model = SequenceClassifier("implicit-gru", D, H, C)
     model.propagator = MGRITPropagator(comm, MGRITOptions(
         levels=args.levels, cfactor=args.cfactor, fwd_iters=args.fwd_iters,

@@ -155,6 +155,22 @@ MG_INLINE void fwd_rows(int64_t kind, int64_t b0, int64_t b1, int64_t H, T dt,
   }
 }
 
+// The GRU family's gates and Jacobian coefficients at one hidden unit, from
+// the pre-activations x_*, w_* (hw) and h: r, z, n, d = d h_new / d h,
+// C_n, C_z (cells.py _GRUFamily); shared by the backward step and the
+// linearisation.
+template <typename T>
+MG_INLINE void gru_coef(bool implicit, T dt, const T* __restrict x, const T* __restrict w, T h,
+                        int64_t j, int64_t H, T& r, T& hn, T& n, T& d, T& cn, T& cz) {
+  r = sig(x[j] + w[j]);
+  const T z = sig(x[H + j] + w[H + j]);
+  hn = w[2 * H + j];
+  n = th(x[2 * H + j] + r * hn);
+  d = implicit ? T(1) / (T(1) + dt * (T(1) - z)) : z;
+  cn = (T(1) - d) * (T(1) - n * n);
+  cz = (implicit ? dt * d * d : T(1)) * (h - n) * z * (T(1) - z);
+}
+
 // One row of the GRU-family backward step. MODE: 0 no acc, 1 acc += g d,
 // 2 acc = g d.
 template <typename T, bool IMPLICIT, int MODE>
@@ -163,13 +179,8 @@ MG_INLINE void gru_bwd_row(int64_t H, T dt, const T* __restrict x, const T* __re
   const int64_t H2 = 2 * H;
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const T r = sig(x[j] + w[j]);
-    const T z = sig(x[H + j] + w[H + j]);
-    const T hn = w[H2 + j];
-    const T n = th(x[H2 + j] + r * hn);
-    const T d = IMPLICIT ? T(1) / (T(1) + dt * (T(1) - z)) : z;   // d h_new / d h
-    const T cn = (T(1) - d) * (T(1) - n * n);                        // C_n
-    const T cz = (IMPLICIT ? dt * d * d : T(1)) * (h[j] - n) * z * (T(1) - z);   // C_z
+    T r, hn, n, d, cn, cz;
+    gru_coef<T>(IMPLICIT, dt, x, w, h[j], j, H, r, hn, n, d, cn, cz);
     const T gj = g[j];
     const T gn = gj * cn;
     const T gr = gn * hn * r * (T(1) - r);
@@ -201,13 +212,8 @@ MG_INLINE void gru_lin_rows(bool implicit, int64_t b0, int64_t b1, int64_t H, T 
     T* __restrict cn_row = cn_[b];
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const T r = sig(x[j] + w[j]);
-      const T z = sig(x[H + j] + w[H + j]);
-      const T hn = w[H2 + j];
-      const T n = th(x[H2 + j] + r * hn);
-      const T d = implicit ? T(1) / (T(1) + dt * (T(1) - z)) : z;
-      const T cn = (T(1) - d) * (T(1) - n * n);
-      const T cz = (implicit ? dt * d * d : T(1)) * (h[j] - n) * z * (T(1) - z);
+      T r, hn, n, d, cn, cz;
+      gru_coef<T>(implicit, dt, x, w, h[j], j, H, r, hn, n, d, cn, cz);
       dd[j] = d;
       cn_row[j] = cn;
       c[j] = cn * hn * r * (T(1) - r);
