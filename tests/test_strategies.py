@@ -29,12 +29,19 @@ from mgrit_gru.training.update import BatchUpdate, TensorSplit
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CELLS = ("implicit-gru", "gru", "lstm", "rnn")
-PARALLEL = ("mutex", "averaging", "hogwild")
+PARALLEL = ("mutex", "mutex-arrival", "averaging", "hogwild")
 
 
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
+def strategy(name, workers=1, backend="auto"):
+    """``make_strategy`` of a test name (``mutex-arrival``: mutex with the
+    arrival order)."""
+    base, _, order = name.partition("-")
+    return make_strategy(base, workers, backend, mutex_order=order or "fixed")
+
+
 def make_split(rng, n, length=6, d=3, min_len=2):
     """Variable-length sequences; the class is the sign of the mean level."""
     y = rng.permutation(np.arange(n) % 2).astype(np.int64)
@@ -69,9 +76,9 @@ class Run:
 
     def train(self, name, workers=1, backend="auto", epochs=1, batch_size=16):
         results = []
-        with make_strategy(name, workers, backend) as strategy:
+        with strategy(name, workers, backend) as s:
             for epoch in range(1, epochs + 1):
-                results.append(strategy.run_epoch(self.model, self.optimizer,
+                results.append(s.run_epoch(self.model, self.optimizer,
                                                   self.batches(epoch, batch_size), self.step))
         return results
 
@@ -120,16 +127,16 @@ def test_one_worker_process_reproduces_sequential_adam(name):
     process is left after close()."""
     reference, run = Run("implicit-gru", "adam"), Run("implicit-gru", "adam")
     reference.train("sequential", epochs=2)
-    strategy = make_strategy(name, 1, "process")
+    s = strategy(name, 1, "process")
     for epoch in (1, 2):
-        strategy.run_epoch(run.model, run.optimizer, run.batches(epoch), run.step)
+        s.run_epoch(run.model, run.optimizer, run.batches(epoch), run.step)
     assert_same_state(run, reference)
-    pids = strategy.pool.pids
+    pids = s.pool.pids
     assert len(pids) == 1 and alive(pids[0])
-    strategy.close()
+    s.close()
     assert not alive(pids[0])
     assert multiprocessing.active_children() == []
-    strategy.close()                                    # idempotent
+    s.close()                                           # idempotent
 
 
 @pytest.mark.parametrize("name", PARALLEL)
@@ -224,23 +231,91 @@ def test_mutex_follows_the_implicit_aggregation_schedule(workers, backend, path)
                    zip(run.model.parameters(), sequential.model.parameters()))
 
 
+class Recorder:
+    """A thread workers' step function that records, per minibatch, the
+    parameters its gradient was taken at and the gradient."""
+
+    def __init__(self, step):           # (not ``.local``: the strategies would use that)
+        self.step, self.lock, self.calls = step, threading.Lock(), []
+
+    def __call__(self, model, idx):
+        loss = self.step(model, idx)
+        with self.lock:
+            self.calls.append((tuple(int(i) for i in idx),
+                               [p.detach().clone() for p in model.parameters()],
+                               [p.grad.detach().clone() for p in model.parameters()]))
+        return loss
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_arrival_mutex_is_one_chain_of_updates(workers):
+    """Arrival order: every minibatch is used once; each gradient was taken at
+    the epoch's start or at a version of one chain of updates, each version by
+    one gradient only (its updater's next: the copy is in the critical
+    section); the chain, rebuilt from the recorded gradients, ends at the
+    model's parameters. SGD, float64."""
+    run = Run("rnn", n=48, dtype="float64")
+    batches = run.batches(1, 5)                                 # k = 10
+    theta0 = run.params()
+    recorder = Recorder(run.step.local)
+    with strategy("mutex-arrival", workers, "thread") as s:
+        result = s.run_epoch(run.model, run.optimizer, batches, recorder)
+        assert "arrival order" in s.describe()
+    assert result["updates"] == len(batches)
+    assert sorted(c[0] for c in recorder.calls) == sorted(tuple(map(int, b)) for b in batches)
+
+    def same(a, b):
+        return all(torch.allclose(u, v, rtol=0, atol=1e-12) for u, v in zip(a, b))
+
+    at_start = [c for c in recorder.calls if same(c[1], theta0)]
+    assert len(at_start) == workers
+    later = [c for c in recorder.calls if not same(c[1], theta0)]
+    theta, pending = theta0, list(recorder.calls)
+    while later:                                 # the next version someone computed at
+        match = [(c, d) for c in pending for d in later
+                 if same([v - 0.05 * g for v, g in zip(theta, c[2])], d[1])]
+        assert len(match) == 1, "not one chain of updates"
+        (c, d), = match
+        theta = [v - 0.05 * g for v, g in zip(theta, c[2])]
+        pending.remove(c)
+        later.remove(d)
+    for c in pending:                            # the last updates: nobody computed after
+        theta = [v - 0.05 * g for v, g in zip(theta, c[2])]
+    for p, v in zip(run.model.parameters(), theta):
+        torch.testing.assert_close(p.detach(), v, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_arrival_mutex_keeps_the_sequential_model(backend):
+    """Two arrival-order workers end near the sequential run (a stale-by-one
+    gradient per update) and not at it."""
+    reference, run = Run("gru", n=96), Run("gru", n=96)
+    reference.train("sequential", epochs=2)
+    run.train("mutex-arrival", 2, backend, epochs=2)
+    diff = max(float((p.detach() - q.detach()).abs().max()) for p, q in
+               zip(run.model.parameters(), reference.model.parameters()))
+    print("max parameter difference", diff)
+    assert 0 < diff < 0.01
+
+
 # --------------------------------------------------------------------------- #
 # number of updates, counted by Adam itself
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("name, workers, path", [
     ("mutex", 2, "direct"), ("averaging", 2, "direct"), ("averaging", 3, "direct"),
-    ("hogwild", 2, "direct"), ("mutex", 2, "coordinated"), ("averaging", 3, "coordinated")])
+    ("hogwild", 2, "direct"), ("mutex-arrival", 2, "direct"), ("mutex", 2, "coordinated"),
+    ("averaging", 3, "coordinated")])
 def test_updates_per_epoch(name, workers, path):
     run = Run("gru", "adam", n=70)          # k = 5 minibatches, the last of 6
     k = 5
     step = Coordinated(run.step) if path == "coordinated" else run.step
-    with make_strategy(name, workers, "thread") as strategy:
-        results = [strategy.run_epoch(run.model, run.optimizer, run.batches(epoch), step)
+    with strategy(name, workers, "thread") as s:
+        results = [s.run_epoch(run.model, run.optimizer, run.batches(epoch), step)
                    for epoch in (1, 2)]
     expected = k if name != "averaging" else math.ceil(k / workers)
     assert [r["updates"] for r in results] == [expected, expected]
     assert all(math.isfinite(r["train_loss"]) for r in results)
-    if name != "hogwild":       # Hogwild's workers may race on the shared counter
+    if name != "hogwild":       # Hogwild's workers may race on the shared state
         steps = {float(s["step"]) for s in run.optimizer.state_dict()["state"].values()}
         assert steps == {2.0 * expected}
 
@@ -288,6 +363,8 @@ def test_options_are_checked():
     with pytest.raises(InputError, match="not available"):
         make_strategy("downpour", 2)
     assert set(STRATEGIES) == {"sequential", "mutex", "averaging", "hogwild"}
+    with pytest.raises(InputError, match="--mutex-order.*expected one of fixed, arrival"):
+        make_strategy("mutex", 2, mutex_order="first")
 
 
 def test_worker_processes_refuse_a_model_off_the_cpu():
@@ -324,6 +401,18 @@ def test_hogwild_refuses_several_ranks():
     assert worker_threads() == []
 
 
+def test_arrival_mutex_refuses_several_ranks():
+    run = Run("gru")
+    with strategy("mutex-arrival", 2, "thread") as s:
+        with pytest.raises(InputError, match="mutex with --mutex-order arrival runs on one "
+                                             "rank only.*use --mutex-order fixed"):
+            s.start(run.model, run.optimizer, TwoGroups(run.step.local))
+    assert worker_threads() == []
+    with strategy("mutex-arrival", 2, "thread") as s:     # a coordinated run is refused too
+        with pytest.raises(InputError, match="runs on one rank only"):
+            s.start(run.model, run.optimizer, Coordinated(run.step))
+
+
 # --------------------------------------------------------------------------- #
 # through train(): the CLI path
 # --------------------------------------------------------------------------- #
@@ -346,6 +435,15 @@ def test_train_with_averaging(toy_file, tmp_path):
     metrics = train(train_config(toy_file, tmp_path / "run", strategy="averaging", workers=2))
     assert [e["updates"] for e in metrics["epochs"]] == [3, 3]     # ceil(6 / 2)
     assert metrics["environment"]["strategy_startup_seconds"] > 0
+    assert multiprocessing.active_children() == []
+
+
+def test_train_with_arrival_mutex(toy_file, tmp_path):
+    metrics = train(train_config(toy_file, tmp_path / "run", strategy="mutex", workers=2,
+                                 mutex_order="arrival"))
+    assert [e["updates"] for e in metrics["epochs"]] == [6, 6]
+    assert metrics["config"]["mutex_order"] == "arrival"
+    assert "mutex (arrival order), 2 workers (process)" in (tmp_path / "run" / "log.txt").read_text()
     assert multiprocessing.active_children() == []
 
 
@@ -421,3 +519,11 @@ def test_hogwild_refuses_mpi_runs(toy_file, tmp_path):
     world = Comm.world()
     with pytest.raises(InputError, match="hogwild runs on one rank only"):
         train(train_config(toy_file, tmp_path / "hog", strategy="hogwild", workers=2), world)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_arrival_mutex_refuses_mpi_runs(toy_file, tmp_path):
+    world = Comm.world()
+    with pytest.raises(InputError, match="arrival runs on one rank only"):
+        train(train_config(toy_file, tmp_path / "arr", strategy="mutex", workers=2,
+                           mutex_order="arrival"), world)

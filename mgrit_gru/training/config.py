@@ -42,6 +42,7 @@ RELAXATIONS = ("F", "FCF")
 CYCLES = ("V", "F")
 COARSE_INPUTS = ("end", "mean")
 STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
+MUTEX_ORDERS = ("fixed", "arrival")
 PROGRESS = ("auto", "on", "off")
 DIVERGENCE = ("stop", "skip-batch")
 #: Signals that may stop a run cleanly besides SIGTERM (SIGUSR1 is taken by
@@ -113,6 +114,11 @@ class TrainConfig:
     strategy: str = _opt("sequential", "data-parallel strategy inside a rank",
                          choices=STRATEGIES)
     workers: int = _opt(1, "workers (K) of the data-parallel strategy")
+    mutex_order: str = _opt("fixed", "order of the mutex strategy's updates: fixed (minibatch "
+                            "j is update j: deterministic, composes with MPI ranks) or "
+                            "arrival (whoever finishes first updates, as a plain lock: "
+                            "faster, not reproducible, one rank only)",
+                            choices=MUTEX_ORDERS)
     threads: int = _opt(1, "torch threads per rank (the per-step operations are "
                               "small: more threads rarely pay, and on a busy "
                               "machine they cost up to 6x)")

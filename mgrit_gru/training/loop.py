@@ -229,7 +229,8 @@ class _Run:
                                         "final": _final(self.history) if self.history else {},
                                         "environment": self.environment}
         self.last_checkpoint = time.monotonic()
-        with make_strategy(config.strategy, config.workers) as strategy:
+        with make_strategy(config.strategy, config.workers,
+                           mutex_order=config.mutex_order) as strategy:
             tic = time.perf_counter()
             strategy.start(self.model, self.optimizer, self.update)
             self.environment["strategy_startup_seconds"] = time.perf_counter() - tic

@@ -20,6 +20,10 @@ optimizer instance over them. The pool runs work in two ways:
     replica with its own copy of the optimizer (identical arithmetic, so the
     replicas stay identical); worker 0 writes the result back to the global
     model and optimizer at the end of the epoch;
+  - ``mutex_arrival``: as ``mutex``, but each worker takes the next
+    minibatch nobody has taken (a shared counter) and the critical section is
+    a plain lock, entered by whoever finishes first: no worker waits for a
+    turn, and the update order depends on timing;
   - ``hogwild``: each worker takes the next minibatch nobody has taken (a
     shared counter), copies the global parameters, computes the gradient and
     updates the global model, with no lock on the model at all.
@@ -79,7 +83,7 @@ from mgrit_gru.training.worker_sync import SPIN, Sync, usable_cores
 BACKENDS = ("process", "thread")
 
 #: Direct epochs (see the module docstring).
-EPOCH_KINDS = ("mutex", "averaging", "hogwild")
+EPOCH_KINDS = ("mutex", "mutex_arrival", "averaging", "hogwild")
 
 #: Seconds ``close`` waits for a worker to stop before terminating it.
 STOP_TIMEOUT = 5.0
@@ -272,7 +276,10 @@ class WorkerPool:
                 self.load(w, self._global)
             if k:
                 self.sync.turns[0].release()
-        if kind == "hogwild":             # every worker takes the next free minibatch
+        if kind == "mutex_arrival":       # the replicas start from the global model
+            for w in range(self.workers):
+                self.load(w, self._global)
+        if kind in ("hogwild", "mutex_arrival"):  # every worker takes the next free minibatch
             self.sync.next.value = 0
             shares = [list(batches)] * self.workers
         else:

@@ -36,6 +36,9 @@ Implementations (:data:`STRATEGIES`), with ``k`` minibatches per epoch and
 * :class:`Mutex` (implicit aggregation): worker ``j % K`` computes minibatch
   ``j`` on its local copy; the update with its gradient and the copy of the
   updated parameters back into it form a critical section; ``k`` updates.
+  With ``order="arrival"`` the critical section is a plain lock, entered by
+  whoever finishes first, and each worker takes the next free minibatch (the
+  paper's algorithm; one rank only, like Hogwild).
 * :class:`Averaging` (explicit aggregation): in each round, ``K`` workers
   compute ``K`` minibatch gradients from the same parameters; one update with
   their mean; ``ceil(k / K)`` updates.
@@ -68,6 +71,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 
 from mgrit_gru.errors import InputError
+from mgrit_gru.training.config import MUTEX_ORDERS
 from mgrit_gru.training.pool import BACKENDS, WorkerPool
 from mgrit_gru.training.replicas import communicates
 
@@ -221,7 +225,7 @@ class _WithWorkers(Strategy):
     def run_epoch(self, model, optimizer, batches, step_fn):
         self.start(model, optimizer, step_fn)
         if self._parts.data_groups == 1:
-            total, count = self.pool.run_epoch(self.name, list(batches))
+            total, count = self.pool.run_epoch(self._epoch_kind(), list(batches))
             updates = self._updates(count)
         else:
             total, updates, count = self._coordinated(iter(batches))
@@ -233,6 +237,10 @@ class _WithWorkers(Strategy):
     def _updates(self, count: int) -> int:
         """Updates of a direct epoch of ``count`` minibatches."""
         return count
+
+    def _epoch_kind(self) -> str:
+        """The pool's kind of direct epoch (:data:`~mgrit_gru.training.pool.EPOCH_KINDS`)."""
+        return self.name
 
     def _coordinated(self, batches: Iterator[Any]) -> tuple[float, int, int]:
         """An epoch with several data groups; ``(sum of the minibatch
@@ -287,6 +295,26 @@ class Mutex(_WithWorkers):
     """
 
     name = "mutex"
+
+    def __init__(self, workers: int = 1, backend: str = "auto", order: str = "fixed") -> None:
+        if order not in MUTEX_ORDERS:
+            raise InputError(f"option mutex_order (--mutex-order): expected one of "
+                             f"{', '.join(MUTEX_ORDERS)}, got {order!r}")
+        super().__init__(workers, backend)
+        self.order = order
+
+    def describe(self) -> str:
+        text = super().describe()
+        return text.replace("mutex,", "mutex (arrival order),", 1) \
+            if self.order == "arrival" else text
+
+    def _epoch_kind(self) -> str:
+        return "mutex" if self.order == "fixed" else "mutex_arrival"
+
+    def _check_ranks(self, model, parts) -> None:
+        if self.order == "arrival":
+            _one_rank(model, parts, "mutex with --mutex-order arrival",
+                      "use --mutex-order fixed")
 
     def _coordinated(self, batches):
         total, updates = 0.0, 0
@@ -352,13 +380,19 @@ class Hogwild(_WithWorkers):
     name = "hogwild"
 
     def _check_ranks(self, model, parts) -> None:
-        comm = getattr(getattr(model, "propagator", None), "comm", None)
-        time_ranks = comm.size if comm is not None else 1
-        if parts.data_groups > 1 or time_ranks > 1:
-            raise InputError(
-                f"option strategy (--strategy): hogwild runs on one rank only (got "
-                f"{time_ranks} time x {parts.data_groups} data ranks): its updates come in "
-                f"an unpredictable order, so ranks would drift apart; use mutex or averaging")
+        _one_rank(model, parts, "hogwild", "use mutex or averaging")
+
+
+def _one_rank(model, parts: _Parts, what: str, instead: str) -> None:
+    """InputError unless the run has one rank: ``what``'s updates come in an
+    order nobody controls, so several ranks would drift apart."""
+    comm = getattr(getattr(model, "propagator", None), "comm", None)
+    time_ranks = comm.size if comm is not None else 1
+    if parts.data_groups > 1 or time_ranks > 1:
+        raise InputError(
+            f"option strategy (--strategy): {what} runs on one rank only (got "
+            f"{time_ranks} time x {parts.data_groups} data ranks): its updates come in "
+            f"an unpredictable order, so ranks would drift apart; {instead}")
 
 
 def _require_thread_multiple(name: str) -> None:
@@ -376,13 +410,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Sequential, Mutex, Averaging, Hogwild)}
 
 
-def make_strategy(name: str, workers: int = 1, backend: str = "auto") -> Strategy:
+def make_strategy(name: str, workers: int = 1, backend: str = "auto", *,
+                  mutex_order: str = "fixed") -> Strategy:
     """The strategy called ``name`` with ``workers`` workers on ``backend``
     (``auto``, ``process`` or ``thread``; InputError if it is unknown or not
-    available in this version)."""
+    available in this version); ``mutex_order`` (``fixed`` or ``arrival``)
+    applies to ``mutex``."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise InputError(f"option strategy (--strategy): {name!r} is not "
                          f"available (available: {', '.join(STRATEGIES)})") from None
+    if cls is Mutex:
+        return cls(workers, backend, order=mutex_order)
     return cls(workers, backend)

@@ -11,8 +11,10 @@ traceback)`` and raised by the pool (:func:`raise_failure`); an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import time
 import traceback
 from typing import Any, Callable
 
@@ -47,6 +49,10 @@ class Worker:
         self.optimizer = optimizer_from_spec(self.spec, self.shared)
         self.private = None             # averaging: this worker's copy of the optimizer,
         self.mean = self.mean_views = None  # and the mean gradient of a round
+        # diagnostics: MGRIT_GRU_WORKER_TIMELINE=<folder> records each direct
+        # epoch's event times (time.perf_counter, one clock for all processes)
+        folder = os.environ.get("MGRIT_GRU_WORKER_TIMELINE")
+        self.timeline = _Timeline(folder, w) if folder else None
 
     # -- pieces ---------------------------------------------------------------
     def gradient(self, batch: Any, buffer: int | None = None) -> float:
@@ -77,15 +83,28 @@ class Worker:
         if kind == "gradient":
             return self.gradient(payload, 0), 1
         batches, k = payload
-        return getattr(self, "_" + kind)(batches, k)
+        if self.timeline is None:
+            return getattr(self, "_" + kind)(batches, k)
+        self.timeline.begin(kind)
+        try:
+            return getattr(self, "_" + kind)(batches, k)
+        finally:
+            self.timeline.end()
+
+    def _mark(self, event: str) -> None:
+        if self.timeline is not None:
+            self.timeline.events.append((event, time.perf_counter()))
 
     def _hogwild(self, batches: list, k: int) -> tuple[float, int]:
         total, count = 0.0, 0
         while (j := self.sync.take_next()) < k:
             self.sync.check()
             copy_params(self.params, self.shared)
+            self._mark("gradient")
             total += self.gradient(batches[j])
+            self._mark("update")
             self.step_global()
+            self._mark("done")
             count += 1
         return total, count
 
@@ -95,13 +114,36 @@ class Worker:
         total, K = 0.0, self.workers
         for i, batch in enumerate(batches):
             self.sync.check()
+            self._mark("gradient")
             total += self.gradient(batch)
+            self._mark("wait")
             self.sync.take_turn(self.w)
+            self._mark("update")
             self.step_global()
             copy_params(self.params, self.shared)
             if self.w + i * K + 1 < k:
                 self.sync.pass_turn(self.w)
+            self._mark("done")
         return total, len(batches)
+
+    def _mutex_arrival(self, batches: list, k: int) -> tuple[float, int]:
+        # the replica holds the global parameters (loaded by the pool)
+        total, count = 0.0, 0
+        while (j := self.sync.take_next()) < k:
+            self.sync.check()
+            self._mark("gradient")
+            total += self.gradient(batches[j])
+            self._mark("wait")
+            self.sync.lock_update()
+            self._mark("update")
+            try:
+                self.step_global()
+                copy_params(self.params, self.shared)
+            finally:
+                self.sync.unlock_update()
+            self._mark("done")
+            count += 1
+        return total, count
 
     def _averaging(self, batches: list, k: int) -> tuple[float, int]:
         total, K = 0.0, self.workers
@@ -114,9 +156,12 @@ class Worker:
         for r in range(-(-k // K)):
             self.sync.check()
             m, parity = min(K, k - r * K), r % 2
+            self._mark("gradient")
             if self.w < m:
                 total += self.gradient(batches[r], parity)
+            self._mark("wait")
             self.sync.meet(self.w)
+            self._mark("update")
             mean = self.mean
             mean.copy_(self.buffers[0][parity])
             for v in range(1, m):
@@ -126,10 +171,32 @@ class Worker:
             for p, g in zip(self.params, self.mean_views):
                 p.grad = g
             self.private.step()
+            self._mark("done")
         if self.w == 0:
             copy_params(self.shared, self.params)
             copy_state(self.optimizer, self.shared, self.private, self.params)
         return total, len(batches)
+
+
+class _Timeline:
+    """Event times of worker ``w``'s direct epochs, appended as one JSON line
+    per epoch to ``<folder>/worker<w>.jsonl`` (a diagnostic; see
+    ``drivers/bench_strategy_backends.py --timeline``). Events per minibatch:
+    ``gradient`` (starts), ``wait`` (for the turn or the round), ``update``,
+    ``done``."""
+
+    def __init__(self, folder: str, w: int) -> None:
+        self.path = os.path.join(folder, f"worker{w}.jsonl")
+        self.kind, self.events = None, []
+
+    def begin(self, kind: str) -> None:
+        self.kind, self.events = kind, [("begin", time.perf_counter())]
+
+    def end(self) -> None:
+        self.events.append(("end", time.perf_counter()))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"kind": self.kind, "pid": os.getpid(),
+                                 "events": self.events}) + "\n")
 
 
 def serve(worker_factory, receive, reply) -> None:

@@ -34,7 +34,8 @@ class Sync:
     """What the workers of a direct epoch synchronise with: a ring of
     semaphores (whose turn it is to update, mutex), one semaphore per worker
     for the end of a round (averaging: every worker posts one to each other
-    worker and takes ``K - 1`` from its own), and an abort flag (a worker
+    worker and takes ``K - 1`` from its own), the lock of an arrival-order
+    mutex epoch, and an abort flag (a worker
     failed). ``ctx`` is a multiprocessing context or the ``threading`` module.
 
     A waiting worker first polls its semaphore for up to ``spin`` seconds,
@@ -50,6 +51,7 @@ class Sync:
         self.arrivals = [ctx.Semaphore(0) for _ in range(workers)]
         self.abort = ctx.Event()
         self.lock = ctx.Lock()
+        self.update_lock = ctx.Lock()
         self.next = ctx.Value("q", 0, lock=False) if ctx is not threading else _Box()
 
     def take_next(self) -> int:
@@ -75,6 +77,13 @@ class Sync:
                     return
         while not semaphore.acquire(timeout=POLL):
             self.check()
+
+    def lock_update(self) -> None:
+        """Enter the critical section of an arrival-order mutex epoch."""
+        self._acquire(self.update_lock)
+
+    def unlock_update(self) -> None:
+        self.update_lock.release()
 
     def take_turn(self, w: int) -> None:
         """Wait until worker ``w`` may update (mutex)."""
