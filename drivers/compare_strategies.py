@@ -56,6 +56,7 @@ from mgrit_gru.training.update import BatchUpdate, TensorSplit  # noqa: E402
 
 CELLS = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU", "implicit-gru": "implicit GRU"}
 STRATEGIES = {"sequential": "sequential", "mutex": "mutex",
+              "mutex-arrival": "mutex (arrival order)",
               "averaging": "averaging", "hogwild": "Hogwild"}
 TABLE_START = "<!-- strategies-table:start -->"
 TABLE_END = "<!-- strategies-table:end -->"
@@ -93,17 +94,19 @@ class Run:
     def __init__(self, args, cell: str, name: str, dataset, train_data) -> None:
         self.cell, self.name = cell, name
         self.workers = 1 if name == "sequential" else args.workers
+        base, _, order = name.partition("-")        # mutex-arrival: --mutex-order arrival
         self.config = make_config(dict(
             cell=cell, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
             optimizer=args.optimizer, epochs=args.epochs, seed=args.seed,
-            pooling=args.pooling, strategy=name, workers=self.workers, threads=1,
+            pooling=args.pooling, strategy=base, workers=self.workers, threads=1,
+            mutex_order=order or "fixed",
             bucket_by_length=args.bucket_by_length))
         self.batching = batching_options(self.config, dataset)
         self.model = build_model(self.config, dataset)
         self.optimizer = make_optimizer(self.config, self.model)
         self.step = BatchUpdate(train_data, self.model, Comm.serial())
         self.n = train_data.n
-        self.strategy = make_strategy(name, self.workers)
+        self.strategy = make_strategy(base, self.workers, mutex_order=self.config.mutex_order)
         tic = time.perf_counter()
         self.strategy.start(self.model, self.optimizer, self.step)
         self.startup = time.perf_counter() - tic
@@ -215,6 +218,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
     styles = {"sequential": dict(marker="o", linestyle="-", markersize=6, linewidth=2.5),
               "mutex": dict(marker="s", linestyle="--", markersize=4),
+              "mutex-arrival": dict(marker="d", linestyle="-.", markersize=4),
               "averaging": dict(marker="^", linestyle="-", markersize=4),
               "hogwild": dict(marker="x", linestyle=":", markersize=5)}
     cells = list(dict.fromkeys(r["cell"] for r in runs))
