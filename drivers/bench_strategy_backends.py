@@ -164,8 +164,14 @@ def main(argv=None) -> int:
                         "--bucket-by-length in training")
     p.add_argument("--variants", default="sequential,mutex:process,averaging:process,"
                    "hogwild:process,mutex:thread,averaging:thread,hogwild:thread")
+    p.add_argument("--timeline", default="",
+                   help="folder for the workers' event times (MGRIT_GRU_WORKER_TIMELINE; "
+                        "read them with drivers/worker_timeline.py)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    if args.timeline:
+        Path(args.timeline).mkdir(parents=True, exist_ok=True)
+        os.environ["MGRIT_GRU_WORKER_TIMELINE"] = str(Path(args.timeline).resolve())
     torch.set_num_threads(1)
     dataset = load_dataset(args.data, max_train=args.max_train, max_test=1)
     cells = {}
