@@ -527,3 +527,43 @@ def test_arrival_mutex_refuses_mpi_runs(toy_file, tmp_path):
     with pytest.raises(InputError, match="arrival runs on one rank only"):
         train(train_config(toy_file, tmp_path / "arr", strategy="mutex", workers=2,
                            mutex_order="arrival"), world)
+
+
+@pytest.mark.parametrize("name", ["mutex", "mutex-arrival", "averaging", "hogwild"])
+def test_worker_timeline_records_every_minibatch(name, tmp_path, monkeypatch):
+    """MGRIT_GRU_WORKER_TIMELINE: one line per worker and direct epoch, the
+    events of every minibatch in order; drivers/worker_timeline.py reads them."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("MGRIT_GRU_WORKER_TIMELINE", str(tmp_path))
+    run = Run("gru", n=80)
+    run.train(name, 2, "thread", epochs=2, batch_size=16)          # k = 5 per epoch
+    lines = [json.loads(line) for w in (0, 1)
+             for line in (tmp_path / f"worker{w}.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    kind = name.replace("-", "_")
+    assert {line["kind"] for line in lines} == {kind}
+    per_epoch = {}
+    for i, line in enumerate(lines):
+        names = [e for e, _ in line["events"]]
+        times = [t for _, t in line["events"]]
+        assert names[0] == "begin" and names[-1] == "end" and times == sorted(times)
+        body = names[1:-1]
+        per_batch = ["gradient", "update", "done"] if name == "hogwild" else \
+            ["gradient", "wait", "update", "done"]
+        assert body == per_batch * (len(body) // len(per_batch))
+        per_epoch.setdefault(i % 2, 0)
+        per_epoch[i % 2] += body.count("gradient")
+    if name == "averaging":      # every worker takes part in every round (3 per epoch)
+        assert sum(per_epoch.values()) == 2 * 2 * 3
+    else:                        # each minibatch once
+        assert sum(per_epoch.values()) == 2 * 5
+    spec = importlib.util.spec_from_file_location(
+        "worker_timeline", Path(__file__).resolve().parent.parent / "drivers" / "worker_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = module.summarise(module.load(tmp_path))
+    assert summary[kind]["epochs"] == 2
+    assert abs(sum(summary[kind]["share"].values()) - 1) < 1e-9
