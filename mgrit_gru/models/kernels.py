@@ -30,6 +30,10 @@ last stride; equations and layouts in docs/kernels.md):
     the same from a cell's ``linearize`` tuple (the MGRIT adjoint stepper's).
 ``linearize(kind, xw, hw, s_prev, w_hh, dt)``
     a GRU cell's ``linearize`` tuple in one pass (LSTM/RNN: None).
+``train_step(kind, x, lengths, params, head_w, head_b, y, pooling, dt, chunk, weight)``
+    a whole training minibatch of a single-layer classifier (forward, pooling,
+    linear head, cross-entropy, backward, all parameter gradients) in one
+    call; :mod:`mgrit_gru.models.fused_step` is its caller.
 ``proj_grads(kind, xw, hw, s_prev, w_hh, dt, g, g_xw, g_hw)``
     ``dL/dxw``, ``dL/dhw`` of ``T`` steps from given adjoints ``g[t] =
     dL/ds_{t+1}`` (an MGRIT adjoint): elementwise, no recursion;
@@ -78,6 +82,7 @@ __all__ = [
     "step",
     "supports",
     "sweep_backward",
+    "train_step",
     "vjp_lin",
     "vjp_step",
 ]
@@ -343,6 +348,44 @@ def proj_grads(kind: str, xw: Tensor, hw: Tensor, s_prev: Tensor, w_hh: Tensor, 
     the LSTM and RNN ``g_xw`` may be ``g_hw``."""
     _mod().proj_grads(_code(kind), xw, hw, s_prev, w_hh, float(dt), g, g_xw, g_hw)
     return g_xw, g_hw
+
+
+_POOLING_CODES = {"last": 0, "mean": 1}
+
+
+def train_step(kind: str, x: Tensor, lengths: Tensor | None, params: dict[str, Tensor],
+               head_w: Tensor, head_b: Tensor | None, y: Tensor, pooling: str, dt: float,
+               chunk: int | None = None, weight: float = 1.0):
+    """One training minibatch in one GIL-free call: ``(loss, grads)`` or None.
+
+    ``x [B, T, D]`` (batch-first, padded), ``lengths`` (int ``[B]`` on the
+    CPU, or None: all ``T``), ``params`` the cell's (``weight_ih``,
+    ``weight_hh``, optionally ``bias_ih``, ``bias_hh``), the linear head
+    ``head_w [C, H]``, ``head_b [C]`` (or None), int64 labels ``y [B]``.
+    Runs :func:`input_projection` and :func:`forward_sweep` over the first
+    ``max(lengths)`` steps, the ``pooling`` (``"last"``/``"mean"``), the
+    head, the cross-entropy averaged over the batch, then the gradients of
+    ``weight * loss``: the pooling's adjoint sources and the reverse sweep
+    with the parameter-gradient GEMMs of :func:`sweep_backward` (``chunk``
+    steps per chunk, None: its default). ``loss`` is the unweighted mean
+    cross-entropy (a float), ``grads`` ``{name: grad}`` with the cell's
+    names plus ``"head.weight"`` (and ``"head.bias"``). None when the
+    lengths or labels are out of range (the torch path reports those).
+    """
+    code = _code(kind)
+    loss, grads = _mod().train_step(
+        code, x, lengths, params["weight_ih"], params["weight_hh"], params.get("bias_ih"),
+        params.get("bias_hh"), head_w, head_b, y, _POOLING_CODES[pooling], float(dt),
+        int(chunk or 0), float(weight))
+    if not grads:
+        return None
+    names = ["weight_ih", "weight_hh"]
+    if params.get("bias_ih") is not None:
+        names += ["bias_ih", "bias_hh"]
+    names.append("head.weight")
+    if head_b is not None:
+        names.append("head.bias")
+    return loss, dict(zip(names, grads))
 
 
 class ParamGrads:

@@ -19,6 +19,7 @@ import torch
 
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.data import Split
+from mgrit_gru.models.fused_step import fused_loss_and_grads
 
 #: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
 MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
@@ -73,10 +74,17 @@ class ShardStep:
     """This data group's share of one global minibatch (an index array):
     forward and backward of its shard, weighted by the shard's fraction of the
     minibatch, so that the sum over data groups is the minibatch's gradient
-    and loss. Picklable and free of MPI: worker processes run it."""
+    and loss. Picklable and free of MPI: worker processes run it.
 
-    def __init__(self, data: TensorSplit, rank: int, size: int):
+    With ``fused`` (the default) a batch that
+    :func:`~mgrit_gru.models.fused_step.fused_loss_and_grads` can run (a
+    single-layer kernel cell on the serial propagator, CPU) goes through that
+    one GIL-free C++ call; any other through autograd. Both give the same
+    loss and gradients to float tolerance (tests/test_fused_step.py)."""
+
+    def __init__(self, data: TensorSplit, rank: int, size: int, fused: bool = True):
         self.data, self.rank, self.size = data, rank, size
+        self.fused = bool(fused)
 
     def __call__(self, model: torch.nn.Module, idx: np.ndarray) -> float:
         for p in model.parameters():    # autograd then stores the new gradients
@@ -86,8 +94,12 @@ class ShardStep:
             return 0.0
         set_sample_ids(model, part)
         x, y, lengths = self.data.take(part)
-        batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
         weight = len(part) / len(idx)
+        if getattr(self, "fused", True):        # (instances pickled before the option)
+            loss = fused_loss_and_grads(model, x, y, lengths, weight)
+            if loss is not None:
+                return loss
+        batch_loss = torch.nn.functional.cross_entropy(model(x, lengths), y)
         (batch_loss * weight if weight != 1.0 else batch_loss).backward()
         return float(batch_loss.detach()) * weight
 

@@ -18,13 +18,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -914,6 +920,202 @@ at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
   return out;
 }
 
+
+// ---------------------------------------------------------- train step
+// Pooling weights w[t, b] of the hidden state after step t (point t + 1):
+// last: 1 at t = len_b - 1; mean: 1 / len_b for t < len_b (pooling.py).
+template <typename T>
+void pool_weights(int64_t pooling, const int64_t* len, int64_t T_, int64_t B, T* w) {
+  for (int64_t t = 0; t < T_; ++t) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (pooling == 0) {
+        w[t * B + b] = t == len[b] - 1 ? T(1) : T(0);
+      } else {
+        w[t * B + b] = t < len[b] ? T(1) / static_cast<T>(len[b]) : T(0);
+      }
+    }
+  }
+}
+
+// Cross-entropy (mean over the batch) of logits [B, C] (rows contiguous) and
+// labels y: returns the loss and overwrites the logits with
+// d(weight * loss)/d logits = weight (softmax - onehot) / B.
+template <typename T>
+double cross_entropy(T* logits, const int64_t* y, int64_t B, int64_t C, double weight) {
+  double loss = 0.0;
+  const double scale = weight / static_cast<double>(B);
+  for (int64_t b = 0; b < B; ++b) {
+    T* z = logits + b * C;
+    double m = -std::numeric_limits<double>::infinity();
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(z[c]));
+    if (!std::isfinite(m)) m = 0.0;      // all -inf or a NaN/inf row: let it propagate
+    double s = 0.0;
+    for (int64_t c = 0; c < C; ++c) s += std::exp(static_cast<double>(z[c]) - m);
+    const double lse = m + std::log(s);
+    loss += lse - static_cast<double>(z[y[b]]);
+    for (int64_t c = 0; c < C; ++c) {
+      const double p = std::exp(static_cast<double>(z[c]) - lse);
+      z[c] = static_cast<T>(scale * (p - (c == y[b] ? 1.0 : 0.0)));
+    }
+  }
+  return loss / static_cast<double>(B);
+}
+
+// One training minibatch of a SequenceClassifier on the serial propagator:
+// input projection, forward sweep, pooling, linear head, cross-entropy (mean
+// over the batch), and the gradients of weight * loss: head, pooling sources,
+// reverse sweep in chunks of `chunk` steps (0: max(16, 2048 / B)) with the
+// parameter-gradient GEMMs of kernels.sweep_backward. x [B, T, D]; lengths
+// (int64 [B]) or None (all T); y int64 [B]; pooling 0 last, 1 mean. Only the
+// steps up to max(lengths) run. Returns (loss, [g_w_ih, g_w_hh, (g_b_ih,
+// g_b_hh,) g_head_w, (g_head_b)]), or (nan, []) when the lengths or labels
+// are out of range (the caller then takes the torch path, which reports it).
+std::tuple<double, std::vector<at::Tensor>> train_step(
+    int64_t kind, const at::Tensor& x, const c10::optional<at::Tensor>& lengths,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& head_w,
+    const c10::optional<at::Tensor>& head_b, const at::Tensor& y, int64_t pooling, double dt,
+    int64_t chunk, double weight) {
+  at::NoGradGuard no_grad;
+  const Shape sh = shape_of(kind, w_hh);
+  check_dt(dt);
+  const auto fail = std::make_tuple(std::numeric_limits<double>::quiet_NaN(),
+                                    std::vector<at::Tensor>{});
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == w_ih.size(1) && w_ih.size(0) == sh.G * sh.H,
+              "mgrit_gru kernels: train_step needs x [B, T, D] and w_ih [G H, D]");
+  TORCH_CHECK(pooling == 0 || pooling == 1, "mgrit_gru kernels: pooling 0 (last) or 1 (mean)");
+  const int64_t B = x.size(0), Tpad = x.size(1), D = x.size(2), H = sh.H, GH = sh.G * H,
+                S = sh.S, C = head_w.size(0);
+  TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) == H, "mgrit_gru kernels: head weight [C, H]");
+  check_same_dtype({&x, &w_ih, &head_w}, w_hh);
+  check_bias(b_hh, sh, w_hh);
+  if (b_ih.has_value()) check_bias(b_ih, sh, w_hh);
+  if (head_b.has_value()) {
+    TORCH_CHECK(head_b->dim() == 1 && head_b->size(0) == C, "mgrit_gru kernels: head bias [C]");
+    check_same_dtype({&*head_b}, w_hh);
+  }
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == B && y.scalar_type() == at::kLong && y.device().is_cpu(),
+              "mgrit_gru kernels: train_step needs int64 CPU labels [B]");
+  if (B == 0 || Tpad == 0 || C == 0) return fail;
+  const at::Tensor yc = y.contiguous();
+  const int64_t* yp = yc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    if (yp[b] < 0 || yp[b] >= C) return fail;
+  }
+  at::Tensor len = lengths.has_value()
+                       ? lengths->to(at::kLong).contiguous()
+                       : at::full({B}, Tpad, at::TensorOptions().dtype(at::kLong));
+  TORCH_CHECK(len.dim() == 1 && len.size(0) == B && len.device().is_cpu(),
+              "mgrit_gru kernels: train_step needs CPU lengths [B]");
+  const int64_t* lp = len.data_ptr<int64_t>();
+  int64_t T = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    if (lp[b] < 1 || lp[b] > Tpad) return fail;
+    T = std::max(T, lp[b]);
+  }
+  const auto opt = x.options();
+
+  // forward: time-major inputs, projection, sweep
+  const at::Tensor x_tm = x.narrow(1, 0, T).transpose(0, 1).contiguous();   // [T, B, D]
+  at::Tensor xw = at::empty({T, B, GH}, opt), hw = at::empty({T, B, GH}, opt);
+  at::Tensor states = at::empty({T + 1, B, S}, opt);
+  states.select(0, 0).zero_();
+  input_projection(x_tm.view({T * B, D}), w_ih, b_ih, xw.view({T * B, GH}));
+  forward_sweep(kind, xw, w_hh, b_hh, dt, states, hw);
+
+  // pooling, head, loss and their gradients
+  at::Tensor pw = at::empty({T, B}, opt), feat = at::empty({B, H}, opt),
+             logits = at::empty({B, C}, opt);
+  double loss = 0.0;
+  at::Tensor lam = at::empty({T, B, S}, opt);
+  at::Tensor g_head_w = at::empty({C, H}, opt), g_feat = at::empty({B, H}, opt);
+  c10::optional<at::Tensor> g_head_b;
+  auto run = [&](auto tag) {
+    using F = decltype(tag);
+    F* w = pw.data_ptr<F>();
+    pool_weights<F>(pooling, lp, T, B, w);
+    const F* st = states.data_ptr<F>();
+    F* f = feat.data_ptr<F>();
+    for (int64_t b = 0; b < B; ++b) {
+      F* fb = f + b * H;
+      for (int64_t j = 0; j < H; ++j) fb[j] = F(0);
+      const int64_t lo = pooling == 0 ? lp[b] - 1 : 0;
+      for (int64_t t = lo; t < lp[b]; ++t) {
+        const F wt = w[t * B + b];
+        const F* h = st + ((t + 1) * B + b) * S;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) fb[j] += wt * h[j];
+      }
+    }
+    if (head_b.has_value()) {
+      at::addmm_out(logits, *head_b, feat, head_w.t());
+    } else {
+      at::mm_out(logits, feat, head_w.t());
+    }
+    loss = cross_entropy<F>(logits.data_ptr<F>(), yp, B, C, weight);   // logits := g_logits
+    at::mm_out(g_head_w, logits.t(), feat);
+    if (head_b.has_value()) g_head_b = logits.sum(0);
+    at::mm_out(g_feat, logits, head_w);
+    // sources lam[t, b, :H] = w[t, b] g_feat[b] (zero cell-state half)
+    const F* gf = g_feat.data_ptr<F>();
+    F* l = lam.data_ptr<F>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        F* lr = l + (t * B + b) * S;
+        const F wt = w[t * B + b];
+        const F* g = gf + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) lr[j] = wt * g[j];
+        for (int64_t j = H; j < S; ++j) lr[j] = F(0);
+      }
+    }
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(float{});
+  } else {
+    run(double{});
+  }
+
+  // reverse sweep in chunks from the end, parameter gradients (sweep_backward)
+  int64_t ch = chunk > 0 ? chunk : std::max<int64_t>(16, 2048 / B);
+  ch = std::max<int64_t>(1, std::min(ch, T));
+  at::Tensor buf = at::empty({2, ch, B, GH}, opt);
+  at::Tensor gw_ih_t = at::zeros({D, GH}, opt), gw_hh_t = at::zeros({H, GH}, opt);
+  const bool bias = b_ih.has_value();
+  at::Tensor gb_ih, gb_hh, ones;
+  if (bias) {
+    gb_ih = at::zeros({GH}, opt);
+    gb_hh = at::zeros({GH}, opt);
+    ones = at::ones({ch * B}, opt);
+  }
+  for (int64_t stop = T; stop > 0; stop -= ch) {
+    const int64_t start = std::max<int64_t>(stop - ch, 0), n = stop - start;
+    at::Tensor g_xw = buf.select(0, 0).narrow(0, 0, n), g_hw = buf.select(0, 1).narrow(0, 0, n);
+    at::Tensor lam_c = lam.narrow(0, start, n);
+    c10::optional<at::Tensor> lam_prev;
+    if (start > 0) lam_prev = lam.select(0, start - 1);
+    const at::Tensor s_c = states.narrow(0, start, n);
+    backward_sweep(kind, xw.narrow(0, start, n), hw.narrow(0, start, n), s_c, w_hh, dt, lam_c,
+                   g_xw, g_hw, lam_prev);
+    const at::Tensor gx2 = g_xw.reshape({n * B, GH}), gh2 = g_hw.reshape({n * B, GH});
+    gw_ih_t.addmm_(x_tm.narrow(0, start, n).reshape({n * B, D}).t(), gx2);
+    gw_hh_t.addmm_(s_c.narrow(2, 0, H).reshape({n * B, H}).t(), gh2);
+    if (bias) {
+      const at::Tensor o = ones.narrow(0, 0, n * B);
+      gb_ih.addmv_(gx2.t(), o);
+      gb_hh.addmv_(gh2.t(), o);
+    }
+  }
+  std::vector<at::Tensor> grads{gw_ih_t.t().contiguous(), gw_hh_t.t().contiguous()};
+  if (bias) {
+    grads.push_back(gb_ih);
+    grads.push_back(gb_hh);
+  }
+  grads.push_back(g_head_w);
+  if (g_head_b.has_value()) grads.push_back(*g_head_b);
+  return std::make_tuple(loss, grads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -939,6 +1141,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w_hh"), py::arg("out"), py::arg("rhs"), py::arg("g_hw_out"));
   m.def("input_projection", &input_projection, gil(), py::arg("x"), py::arg("w_ih"),
         py::arg("b_ih"), py::arg("out"));
+  m.def("train_step", &train_step, gil(), py::arg("kind"), py::arg("x"), py::arg("lengths"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("head_w"),
+        py::arg("head_b"), py::arg("y"), py::arg("pooling"), py::arg("dt"), py::arg("chunk"),
+        py::arg("weight"));
   m.def("simd_probe", [](at::Tensor x) {   // exp/tanh/sigmoid of the float32 kernels, for tests
     at::Tensor y = at::empty({3, x.numel()}, x.options());
     const float* p = x.data_ptr<float>();
