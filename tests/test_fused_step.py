@@ -214,3 +214,26 @@ def test_releases_the_gil(built):
     inside = [t for t in ticks if window["start"] + 1e-3 < t < window["stop"] - 1e-3]
     assert window["stop"] - window["start"] > 5e-3
     assert len(inside) > 10
+
+
+@pytest.mark.parametrize("top, labels", [
+    (1e37, [0, 1, 2, 1, 0, 1]),     # finite either way
+    (2e38, [0, 0, 0, 0, 0, 1]),     # z - max = -4e38 overflows float32 in one row
+    (1.5e38, [1, 1, 0, 0, 0, 0]),   # each row finite (3e38), their sum overflows
+])
+def test_float32_loss_overflows_like_autograd(built, top, labels):
+    """A diverging float32 model: the loss is infinite on the fused path
+    exactly when it is on the autograd path (the divergence checks rely on
+    it), although float64 arithmetic would keep the last two finite."""
+    model = _model("gru", torch.float32, "mean")
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([top, -top, 0.0]))
+    x, _, lengths = _batch(torch.float32, B=6)
+    y = torch.tensor(labels)
+    ref_loss, _ = _autograd(model, x, y, lengths, 1.0, 1.0)
+    loss = fused_loss_and_grads(model, x, y, lengths, 1.0)
+    assert loss is not None
+    assert np.isfinite(loss) == np.isfinite(ref_loss), (loss, ref_loss)
+    if np.isfinite(ref_loss):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)

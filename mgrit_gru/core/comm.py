@@ -31,6 +31,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable
 
@@ -398,6 +399,10 @@ def _say(line: str) -> None:
         pass
 
 
+#: Seconds between the last message and MPI_Abort (see :func:`abort_job`).
+ABORT_FLUSH_SECONDS = 0.25
+
+
 def abort_job(code: int = 1) -> None:  # pragma: no cover - ends the process
     """End every rank of the job now, with exit code ``code``.
 
@@ -410,6 +415,9 @@ def abort_job(code: int = 1) -> None:  # pragma: no cover - ends the process
     except Exception:  # noqa: BLE001
         pass
     if MPI is not None and MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+        # the launcher forwards our stderr asynchronously and MPI_Abort kills
+        # its forwarders: give the reason just written time to get out
+        time.sleep(ABORT_FLUSH_SECONDS)
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
@@ -460,7 +468,6 @@ def abort_on_exception(comm: Comm | None = None, *, prog: str = "mgrit-gru"):
             else:
                 code, line = EXIT_INTERRUPTED, f"{prog}: interrupted"
             if rank != 0:
-                import time
                 time.sleep(ROOT_GRACE_SECONDS)
                 line = line.replace(f"{prog}:", f"{prog} (rank {rank}):", 1)
             _say(line)

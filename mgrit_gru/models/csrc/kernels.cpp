@@ -939,26 +939,33 @@ void pool_weights(int64_t pooling, const int64_t* len, int64_t T_, int64_t B, T*
 
 // Cross-entropy (mean over the batch) of logits [B, C] (rows contiguous) and
 // labels y: returns the loss and overwrites the logits with
-// d(weight * loss)/d logits = weight (softmax - onehot) / B.
+// d(weight * loss)/d logits = weight (softmax - onehot) / B. The shifted
+// logits z - max, each row's loss and their sum are rounded to T, as torch's
+// log_softmax/nll_loss do: a float32 model whose logits overflow the shift
+// or whose losses overflow the sum gets an infinite loss here too (the
+// divergence checks then see it), not the finite one float64 would give.
 template <typename T>
 double cross_entropy(T* logits, const int64_t* y, int64_t B, int64_t C, double weight) {
-  double loss = 0.0;
+  T loss = T(0);
   const double scale = weight / static_cast<double>(B);
   for (int64_t b = 0; b < B; ++b) {
     T* z = logits + b * C;
-    double m = -std::numeric_limits<double>::infinity();
-    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(z[c]));
-    if (!std::isfinite(m)) m = 0.0;      // all -inf or a NaN/inf row: let it propagate
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, z[c]);
+    if (!std::isfinite(m)) m = T(0);      // all -inf or a NaN/inf row: let it propagate
     double s = 0.0;
-    for (int64_t c = 0; c < C; ++c) s += std::exp(static_cast<double>(z[c]) - m);
-    const double lse = m + std::log(s);
-    loss += lse - static_cast<double>(z[y[b]]);
     for (int64_t c = 0; c < C; ++c) {
-      const double p = std::exp(static_cast<double>(z[c]) - lse);
+      z[c] = static_cast<T>(z[c] - m);
+      s += std::exp(static_cast<double>(z[c]));
+    }
+    const T log_s = static_cast<T>(std::log(s));
+    loss += static_cast<T>(log_s - z[y[b]]);
+    for (int64_t c = 0; c < C; ++c) {
+      const double p = std::exp(static_cast<double>(z[c]) - static_cast<double>(log_s));
       z[c] = static_cast<T>(scale * (p - (c == y[b] ? 1.0 : 0.0)));
     }
   }
-  return loss / static_cast<double>(B);
+  return static_cast<double>(loss / static_cast<T>(B));
 }
 
 // One training minibatch of a SequenceClassifier on the serial propagator:
