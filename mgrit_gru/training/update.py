@@ -20,6 +20,7 @@ import torch
 from mgrit_gru.core.comm import Comm
 from mgrit_gru.data import Split
 from mgrit_gru.models.fused_step import fused_loss_and_grads
+from mgrit_gru.training.metrics import all_finite
 
 #: MGRIT statistics averaged per epoch (keys of ``MGRITPropagator.last_stats``).
 MGRIT_STATS = ("fwd_iters", "bwd_iters", "fwd_residual", "bwd_residual")
@@ -47,10 +48,13 @@ class TensorSplit:
 
     def take(self, idx: np.ndarray | slice):
         """``(x, y, lengths)`` of the samples ``idx``, on :attr:`device`."""
-        if isinstance(idx, np.ndarray):
-            idx = torch.from_numpy(idx)
-        lengths = None if self.lengths is None else self.lengths[idx]
-        x, y = self.x[idx], self.y[idx]
+        if isinstance(idx, np.ndarray):     # index_select: a row copy per sample,
+            idx = torch.from_numpy(idx).long()  # 4-5x faster than x[idx] on CPU
+            lengths = None if self.lengths is None else self.lengths.index_select(0, idx)
+            x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        else:
+            lengths = None if self.lengths is None else self.lengths[idx]
+            x, y = self.x[idx], self.y[idx]
         if self.device.type != "cpu":
             x, y = x.to(self.device), y.to(self.device)
             lengths = None if lengths is None else lengths.to(self.device)
@@ -162,8 +166,7 @@ def nonfinite(model: torch.nn.Module, loss: float, residuals: bool = True) -> st
     ``residuals``), or ``None``."""
     if not math.isfinite(loss):
         return "loss"
-    if not all(p.grad is None or bool(torch.isfinite(p.grad).all())
-               for p in model.parameters()):
+    if not all_finite(p.grad for p in model.parameters()):
         return "gradient"
     if residuals:
         info = getattr(model.propagator, "last_info", None) or {}
