@@ -43,6 +43,8 @@ CYCLES = ("V", "F")
 COARSE_INPUTS = ("end", "mean")
 STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
 MUTEX_ORDERS = ("fixed", "arrival")
+#: Where the data-parallel workers run (``auto``: processes, threads with MGRIT or a GPU).
+WORKER_BACKENDS = ("auto", "process", "thread")
 PROGRESS = ("auto", "on", "off")
 DIVERGENCE = ("stop", "skip-batch")
 #: Signals that may stop a run cleanly besides SIGTERM (SIGUSR1 is taken by
@@ -119,6 +121,11 @@ class TrainConfig:
                             "arrival (whoever finishes first updates, as a plain lock: "
                             "faster, not reproducible, one rank only)",
                             choices=MUTEX_ORDERS)
+    worker_backend: str = _opt("auto", "where the strategy's workers run: auto (processes, "
+                               "threads where the propagator communicates over MPI or the "
+                               "model is on a GPU), process or thread (no start-up, "
+                               "slower per epoch: docs/strategies.md)",
+                               choices=WORKER_BACKENDS)
     threads: int = _opt(1, "torch threads per rank (the per-step operations are "
                               "small: more threads rarely pay, and on a busy "
                               "machine they cost up to 6x)")

@@ -229,7 +229,7 @@ class _Run:
                                         "final": _final(self.history) if self.history else {},
                                         "environment": self.environment}
         self.last_checkpoint = time.monotonic()
-        with make_strategy(config.strategy, config.workers,
+        with make_strategy(config.strategy, config.workers, config.worker_backend,
                            mutex_order=config.mutex_order) as strategy:
             tic = time.perf_counter()
             strategy.start(self.model, self.optimizer, self.update)

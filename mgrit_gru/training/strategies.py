@@ -198,9 +198,9 @@ class _WithWorkers(Strategy):
         if self.backend == "auto":
             return "thread" if communicates(propagator) or on_gpu else "process"
         if self.backend == "process" and communicates(propagator):
-            raise InputError(f"option strategy (--strategy): {self.name} workers cannot be "
-                             f"processes with the {type(propagator).__name__}, which "
-                             f"communicates over MPI (use threads)")
+            raise InputError(f"option worker_backend (--worker-backend): {self.name} workers "
+                             f"cannot be processes with the {type(propagator).__name__}, "
+                             f"which communicates over MPI (use thread or auto)")
         return self.backend
 
     def _check_ranks(self, model: torch.nn.Module, parts: _Parts) -> None:
