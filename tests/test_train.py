@@ -344,3 +344,35 @@ def test_device_run_checkpoint_and_resume(easy_data, tmp_path, device):
         assert moved["environment"]["device"] == "cpu"
         for a, b in zip(whole["epochs"], moved["epochs"]):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_is_torchs_fused_adam_and_follows_the_loop(dtype):
+    """make_optimizer's Adam is torch's fused one where torch has it for the
+    CPU, and 30 steps of it stay with torch's per-tensor Adam to float
+    rounding (the same gradients fed to both)."""
+    from mgrit_gru.training.setup import make_optimizer
+    dataset = load_dataset("synthetic:16", max_train=64, max_test=8)
+    config = make_config(dict(data="synthetic:16", cell="gru", hidden=6, optimizer="adam",
+                              lr=0.01, dtype=dtype))
+    model = build_model(config, dataset)
+    twin = build_model(config, dataset)
+    twin.load_state_dict(model.state_dict())
+    opt = make_optimizer(config, model)
+    ref = torch.optim.Adam(twin.parameters(), lr=0.01, foreach=False)
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+        assert opt.param_groups[0]["fused"] is True
+    except RuntimeError:            # an older torch without CPU fused Adam: the loop
+        assert not opt.param_groups[0].get("fused")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-13)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert not torch.equal(p, q.new_zeros(q.shape))
+        torch.testing.assert_close(p.detach(), q.detach(), **tol)

