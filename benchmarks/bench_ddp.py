@@ -11,8 +11,8 @@ processes, interleaved round by round (A B C D, A B C D, ...):
 ``groups``     ``mpiexec -n 2 mgrit-gru train --time-ranks 1``: two data groups,
                16 sequences each per update, gradients averaged by an MPI
                allreduce;
-``workers``    ``mgrit-gru train --strategy mutex --workers 2``: two in-rank
-               workers (our default backend);
+``workers``    ``mgrit-gru train --strategy mutex --workers 2 --worker-backend
+               process``: two in-rank worker processes;
 ``ddp``        two processes of torch's DistributedDataParallel on the gloo
                backend, the same model (``SequenceClassifier``, serial
                propagator), seed, batches (each process takes half of every
@@ -77,7 +77,7 @@ def run_variant(kind: str, a, tmp: Path) -> dict:
                "--time-ranks", "1", "--out", str(out)]
     elif kind == "workers":
         cmd = [_bin("mgrit-gru"), "train", *_train_args(a), "--strategy", "mutex",
-               "--workers", "2", "--out", str(out)]
+               "--workers", "2", "--worker-backend", "process", "--out", str(out)]
     else:
         cmd = [sys.executable, __file__, "ddp-worker", *ddp_args(a), "--result",
                str(out) + ".json"]

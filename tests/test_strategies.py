@@ -439,9 +439,32 @@ def train_config(data, out, **options):
 
 
 def test_train_with_averaging(toy_file, tmp_path):
-    metrics = train(train_config(toy_file, tmp_path / "run", strategy="averaging", workers=2))
+    metrics = train(train_config(toy_file, tmp_path / "run", strategy="averaging", workers=2,
+                                 worker_backend="process"))
     assert [e["updates"] for e in metrics["epochs"]] == [3, 3]     # ceil(6 / 2)
     assert metrics["environment"]["strategy_startup_seconds"] > 0
+    assert "averaging, 2 workers (process)" in (tmp_path / "run" / "log.txt").read_text()
+    assert multiprocessing.active_children() == []
+
+
+def test_auto_backend_is_threads_for_short_runs(toy_file, tmp_path, monkeypatch):
+    """auto: threads below AUTO_THREAD_MINIBATCHES minibatches left in the run,
+    processes from there on; an explicit backend is kept."""
+    import mgrit_gru.training.strategies as strategies_module
+    from mgrit_gru.training.strategies import AUTO_THREAD_MINIBATCHES, auto_backend
+    n = AUTO_THREAD_MINIBATCHES
+    assert auto_backend("auto", n - 1) == "thread"
+    assert auto_backend("auto", n) == "auto"                # _choose_backend: processes
+    assert auto_backend("process", 1) == "process" and auto_backend("thread", n) == "thread"
+    train(train_config(toy_file, tmp_path / "a", strategy="mutex", workers=2))
+    assert "mutex, 2 workers (thread)" in (tmp_path / "a" / "log.txt").read_text()
+    # 2 epochs x 6 minibatches = 12: at a threshold of 12 the run is not short
+    monkeypatch.setattr(strategies_module, "AUTO_THREAD_MINIBATCHES", 12)
+    train(train_config(toy_file, tmp_path / "b", strategy="mutex", workers=2))
+    assert "mutex, 2 workers (process)" in (tmp_path / "b" / "log.txt").read_text()
+    monkeypatch.setattr(strategies_module, "AUTO_THREAD_MINIBATCHES", 13)
+    train(train_config(toy_file, tmp_path / "c", strategy="mutex", workers=2))
+    assert "mutex, 2 workers (thread)" in (tmp_path / "c" / "log.txt").read_text()
     assert multiprocessing.active_children() == []
 
 
@@ -450,7 +473,7 @@ def test_train_with_arrival_mutex(toy_file, tmp_path):
                                  mutex_order="arrival"))
     assert [e["updates"] for e in metrics["epochs"]] == [6, 6]
     assert metrics["config"]["mutex_order"] == "arrival"
-    assert "mutex (arrival order), 2 workers (process)" in (tmp_path / "run" / "log.txt").read_text()
+    assert "mutex (arrival order), 2 workers (thread)" in (tmp_path / "run" / "log.txt").read_text()
     assert multiprocessing.active_children() == []
 
 

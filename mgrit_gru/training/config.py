@@ -121,10 +121,11 @@ class TrainConfig:
                             "arrival (whoever finishes first updates, as a plain lock: "
                             "faster, not reproducible, one rank only)",
                             choices=MUTEX_ORDERS)
-    worker_backend: str = _opt("auto", "where the strategy's workers run: auto (processes, "
-                               "threads where the propagator communicates over MPI or the "
-                               "model is on a GPU), process or thread (no start-up, "
-                               "slower per epoch: docs/strategies.md)",
+    worker_backend: str = _opt("auto", "where the strategy's workers run: auto (threads for "
+                               "a run of under 10,000 minibatches, where processes' start-up "
+                               "is not repaid, and where the propagator communicates over "
+                               "MPI or the model is on a GPU; processes otherwise), process "
+                               "or thread (docs/strategies.md)",
                                choices=WORKER_BACKENDS)
     threads: int = _opt(1, "torch threads per rank (the per-step operations are "
                               "small: more threads rarely pay, and on a busy "

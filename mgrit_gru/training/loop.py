@@ -72,7 +72,7 @@ from mgrit_gru.training.runfolder import RunFolder, load_checkpoint, strict_json
 from mgrit_gru.training.setup import (build_model, check_options, choose_device,
                                       make_optimizer, make_propagator, resolve_config)
 from mgrit_gru.training.signals import StopSignals
-from mgrit_gru.training.strategies import Strategy, make_strategy
+from mgrit_gru.training.strategies import Strategy, auto_backend, make_strategy
 from mgrit_gru.training.tracing import RunTrace
 from mgrit_gru.training.update import (EPOCH_STATS, BatchUpdate, SolverStats, TensorSplit,
                                        set_sample_ids)
@@ -229,7 +229,10 @@ class _Run:
                                         "final": _final(self.history) if self.history else {},
                                         "environment": self.environment}
         self.last_checkpoint = time.monotonic()
-        with make_strategy(config.strategy, config.workers, config.worker_backend,
+        left = (config.epochs - self.start + 1) * -(-self.train_data.n // config.batch_size) \
+            - self.start_batch
+        backend = auto_backend(config.worker_backend, left)
+        with make_strategy(config.strategy, config.workers, backend,
                            mutex_order=config.mutex_order) as strategy:
             tic = time.perf_counter()
             strategy.start(self.model, self.optimizer, self.update)

@@ -410,6 +410,23 @@ STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Sequential, Mutex, Averaging, Hogwild)}
 
 
+#: Below this many minibatches in a run, ``auto`` (as the training loop resolves
+#: it, :func:`auto_backend`) starts thread workers: processes' start-up (2.4-4.4 s
+#: to spawn and import torch) would not be repaid by their faster epochs (at
+#: most ~0.3 ms per minibatch faster; docs/strategies.md).
+AUTO_THREAD_MINIBATCHES = 10_000
+
+
+def auto_backend(backend: str, minibatches: int) -> str:
+    """The backend the training loop asks for: ``thread`` for ``auto`` when the
+    run has fewer than :data:`AUTO_THREAD_MINIBATCHES` minibatches left,
+    ``backend`` otherwise (where ``auto`` then means processes, or threads
+    where the propagator communicates or the model is on a GPU)."""
+    if backend == "auto" and minibatches < AUTO_THREAD_MINIBATCHES:
+        return "thread"
+    return backend
+
+
 def make_strategy(name: str, workers: int = 1, backend: str = "auto", *,
                   mutex_order: str = "fixed") -> Strategy:
     """The strategy called ``name`` with ``workers`` workers on ``backend``
