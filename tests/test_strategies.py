@@ -620,3 +620,45 @@ def test_worker_timeline_records_every_minibatch(name, tmp_path, monkeypatch):
     summary = module.summarise(module.load(tmp_path))
     assert summary[kind]["epochs"] == 2
     assert abs(sum(summary[kind]["share"].values()) - 1) < 1e-9
+
+
+# --------------------------------------------------------------------------- #
+# the optimizer step of every strategy
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimizer_step_is_torchs_sgd_bit_for_bit(dtype):
+    """replicas.optimizer_step: plain SGD as one multi-tensor call gives the
+    values of torch's own SGD.step exactly (two groups, a parameter without
+    gradient); other optimizers and options take their own step."""
+    from mgrit_gru.training.replicas import _plain_sgd, optimizer_step
+    g = torch.Generator().manual_seed(3)
+
+    def params():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(7, 5, dtype=dtype)) for _ in range(3)]
+
+    ours, ref = params(), params()
+    groups = lambda ps: [{"params": ps[:2], "lr": 0.05}, {"params": ps[2:], "lr": 0.3}]
+    opt, ref_opt = torch.optim.SGD(groups(ours), lr=0.1), torch.optim.SGD(groups(ref), lr=0.1)
+    assert _plain_sgd(opt)
+    for k in range(5):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            grad = None if (i == 1 and k % 2) else torch.randn(p.shape, generator=g, dtype=dtype) * 3
+            p.grad, q.grad = grad, None if grad is None else grad.clone()
+        optimizer_step(opt)
+        ref_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q)
+    assert not torch.equal(ours[0], params()[0])
+    for other in (torch.optim.SGD(params(), lr=0.1, momentum=0.9),
+                  torch.optim.SGD(params(), lr=0.1, weight_decay=1e-3),
+                  torch.optim.Adam(params(), lr=0.1)):
+        assert not _plain_sgd(other)
+    hooked = torch.optim.SGD(params(), lr=0.1)
+    calls = []
+    hooked.register_step_pre_hook(lambda *a: calls.append(1))
+    assert not _plain_sgd(hooked)
+    for p in hooked.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    optimizer_step(hooked)
+    assert calls == [1]                      # its own step ran, hook included

@@ -145,3 +145,48 @@ def flat_views(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch
         out.append(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
     return out
+
+
+def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` is exactly ``p -= lr * p.grad`` per tensor:
+    a ``torch.optim.SGD`` without momentum, weight decay, maximize, the fused
+    kernel or any step hook, float learning rates."""
+    from torch.optim import optimizer as _opt
+
+    if type(optimizer) is not torch.optim.SGD:
+        return False
+    if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
+            or _opt._global_optimizer_pre_hooks or _opt._global_optimizer_post_hooks):
+        return False
+    return all(g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0
+               and not g.get("maximize") and not g.get("fused") and not g.get("differentiable")
+               and isinstance(g.get("lr"), (float, int)) and not isinstance(g.get("lr"), bool)
+               for g in optimizer.param_groups)
+
+
+@torch.no_grad()
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, with plain SGD as one multi-tensor call.
+
+    torch's SGD without momentum or weight decay applies ``p.add_(p.grad,
+    alpha=-lr)`` to every parameter with a gradient, behind a Python
+    framework (hooks, profiler labels, option dispatch) that costs about
+    0.1 ms right after a minibatch, several times the arithmetic; this does
+    the same arithmetic (``torch._foreach_add_``, per tensor on the CPU: the
+    same values bit for bit, tests/test_strategies.py) in one call. Any other
+    optimizer, or SGD with other options or hooks, takes its own ``step()``.
+    """
+    if not _plain_sgd(optimizer) or _FOREACH_ADD is None:
+        optimizer.step()
+        return
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if any(p.grad.is_sparse for p in params):
+            optimizer.step()
+            return
+        _FOREACH_ADD(params, [p.grad for p in params], alpha=-group["lr"])
+
+
+_FOREACH_ADD = getattr(torch, "_foreach_add_", None)

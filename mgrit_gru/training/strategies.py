@@ -73,7 +73,7 @@ import torch
 from mgrit_gru.errors import InputError
 from mgrit_gru.training.config import MUTEX_ORDERS
 from mgrit_gru.training.pool import BACKENDS, WorkerPool
-from mgrit_gru.training.replicas import communicates
+from mgrit_gru.training.replicas import communicates, optimizer_step
 
 StepFn = Callable[[torch.nn.Module, Any], float]
 
@@ -140,7 +140,7 @@ class Sequential(Strategy):
         total, updates = 0.0, 0
         for batch in batches:
             total += step_fn(model, batch)
-            optimizer.step()
+            optimizer_step(optimizer)
             updates += 1
         return {"train_loss": total / updates if updates else math.nan,
                 "updates": updates}
@@ -273,7 +273,7 @@ class _WithWorkers(Strategy):
         for p in self._params:
             p.grad = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        self._optimizer.step()
+        optimizer_step(self._optimizer)
         return float(flat[-1])
 
     def close(self) -> None:

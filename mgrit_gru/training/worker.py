@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.training.replicas import copy_params, copy_state, flat_views, optimizer_from_spec
+from mgrit_gru.training.replicas import (copy_params, copy_state, flat_views, optimizer_from_spec,
+                                       optimizer_step)
 from mgrit_gru.training.worker_sync import Aborted, Sync
 
 LocalStep = Callable[[torch.nn.Module, Any], float]
@@ -75,7 +76,7 @@ class Worker:
         """Update the global model with the replica's gradient."""
         for q, p in zip(self.shared, self.params):
             q.grad = p.grad
-        self.optimizer.step()
+        optimizer_step(self.optimizer)
 
     # -- jobs -------------------------------------------------------------------
     def run(self, kind: str, payload: Any) -> tuple[float, int]:
@@ -170,7 +171,7 @@ class Worker:
                 mean.div_(m)
             for p, g in zip(self.params, self.mean_views):
                 p.grad = g
-            self.private.step()
+            optimizer_step(self.private)
             self._mark("done")
         if self.w == 0:
             copy_params(self.shared, self.params)
