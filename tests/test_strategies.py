@@ -477,18 +477,22 @@ def test_train_with_arrival_mutex(toy_file, tmp_path):
     assert multiprocessing.active_children() == []
 
 
-def test_train_with_thread_workers_equals_processes(toy_file, tmp_path):
+@pytest.mark.parametrize("name, workers, updates", [("mutex", 2, 6), ("averaging", 2, 3),
+                                                    ("averaging", 3, 2)])
+def test_train_with_thread_workers_equals_processes(toy_file, tmp_path, name, workers, updates):
     """--worker-backend thread: the workers are threads of the rank (no child
-    process) and the fixed-order mutex run is the process run's."""
+    process) and the fixed-order strategies' runs are the process runs'
+    (averaging: one thread updates the model for all, against every process
+    updating its own replica)."""
     runs = {}
     for backend in ("thread", "process"):
         folder = tmp_path / backend
-        runs[backend] = train(train_config(toy_file, folder, strategy="mutex", workers=2,
-                                           worker_backend=backend))
-        assert f"mutex, 2 workers ({backend})" in (folder / "log.txt").read_text()
+        runs[backend] = train(train_config(toy_file, folder, strategy=name, workers=workers,
+                                           worker_backend=backend, optimizer="adam"))
+        assert f"{name}, {workers} workers ({backend})" in (folder / "log.txt").read_text()
         assert runs[backend]["config"]["worker_backend"] == backend
     thread, process = runs["thread"]["epochs"], runs["process"]["epochs"]
-    assert [e["updates"] for e in thread] == [e["updates"] for e in process] == [6, 6]
+    assert [e["updates"] for e in thread] == [e["updates"] for e in process] == [updates] * 2
     for a, b in zip(thread, process):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)

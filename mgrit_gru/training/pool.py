@@ -15,11 +15,14 @@ optimizer instance over them. The pool runs work in two ways:
     global model, copies it into its replica and passes the turn to worker
     ``(j + 1) % K``: the ``j``-th update is always minibatch ``j``'s;
   - ``averaging``: in round ``r`` the workers compute minibatches
-    ``rK, ..., rK + K - 1`` into double-buffered gradient buffers, meet at a
-    barrier, and each applies the mean of the round's gradients to its own
-    replica with its own copy of the optimizer (identical arithmetic, so the
-    replicas stay identical); worker 0 writes the result back to the global
-    model and optimizer at the end of the epoch;
+    ``rK, ..., rK + K - 1`` into double-buffered gradient buffers and meet at
+    a barrier. Processes: each applies the mean of the round's gradients to
+    its own replica with its own copy of the optimizer (identical arithmetic,
+    so the replicas stay identical), and worker 0 writes the result back to
+    the global model and optimizer at the end of the epoch. Threads: worker 0
+    alone applies the mean to the global model with the global optimizer and
+    lets the others copy it (K updates at once would take turns on the GIL);
+    the same values either way;
   - ``mutex_arrival``: as ``mutex``, but each worker takes the next
     minibatch nobody has taken (a shared counter) and the critical section is
     a plain lock, entered by whoever finishes first: no worker waits for a
@@ -204,7 +207,7 @@ class WorkerPool:
 
             def factory(w=w):
                 return Worker(w, self.models[w], local_step, self.buffers, shared,
-                               self.sync, record)
+                               self.sync, record, single_updater=True)
 
             def reply(message, w=w) -> bool:
                 self._outbox.put((w, message))

@@ -37,8 +37,14 @@ class Worker:
     """
 
     def __init__(self, w: int, replica: torch.nn.Module, local_step: LocalStep,
-                 buffers: list, shared: tuple, sync: Sync, record=None) -> None:
+                 buffers: list, shared: tuple, sync: Sync, record=None,
+                 single_updater: bool = False) -> None:
         self.w, self.workers = w, len(buffers)
+        # averaging: worker 0 alone applies each round's mean gradient to the
+        # global model and the others copy it (threads: their updates would
+        # take turns on the GIL), or every worker applies it to its own replica
+        # with its own copy of the optimizer (processes: in parallel, no wait)
+        self.single_updater = bool(single_updater)
         self.replica, self.local_step = replica, local_step
         self.buffers, self.sync, self.record = buffers, sync, record
         self.params = list(replica.parameters())
@@ -147,13 +153,15 @@ class Worker:
         return total, count
 
     def _averaging(self, batches: list, k: int) -> tuple[float, int]:
-        total, K = 0.0, self.workers
-        if self.private is None:
-            self.private = optimizer_from_spec(self.spec, self.params, private=True)
+        total, K, single = 0.0, self.workers, self.single_updater
+        if self.mean is None:
             self.mean = torch.zeros_like(self.buffers[0][0])
             self.mean_views = flat_views(self.mean, self.params)
+        if not single and self.private is None:
+            self.private = optimizer_from_spec(self.spec, self.params, private=True)
         copy_params(self.params, self.shared)
-        copy_state(self.private, self.params, self.optimizer, self.shared)
+        if not single:
+            copy_state(self.private, self.params, self.optimizer, self.shared)
         for r in range(-(-k // K)):
             self.sync.check()
             m, parity = min(K, k - r * K), r % 2
@@ -163,20 +171,35 @@ class Worker:
             self._mark("wait")
             self.sync.meet(self.w)
             self._mark("update")
-            mean = self.mean
-            mean.copy_(self.buffers[0][parity])
-            for v in range(1, m):
-                mean.add_(self.buffers[v][parity])
-            if m > 1:
-                mean.div_(m)
-            for p, g in zip(self.params, self.mean_views):
-                p.grad = g
-            optimizer_step(self.private)
+            if not single:
+                self._mean_gradient(m, parity)
+                for p, g in zip(self.params, self.mean_views):
+                    p.grad = g
+                optimizer_step(self.private)
+            elif self.w == 0:
+                self._mean_gradient(m, parity)
+                for q, g in zip(self.shared, self.mean_views):
+                    q.grad = g
+                optimizer_step(self.optimizer)
+                self.sync.release_round()
+                copy_params(self.params, self.shared)
+            else:
+                self.sync.wait_round(self.w)
+                copy_params(self.params, self.shared)
             self._mark("done")
-        if self.w == 0:
+        if not single and self.w == 0:
             copy_params(self.shared, self.params)
             copy_state(self.optimizer, self.shared, self.private, self.params)
         return total, len(batches)
+
+    def _mean_gradient(self, m: int, parity: int) -> None:
+        """:attr:`mean` := the mean of the first ``m`` workers' buffers ``parity``."""
+        mean = self.mean
+        mean.copy_(self.buffers[0][parity])
+        for v in range(1, m):
+            mean.add_(self.buffers[v][parity])
+        if m > 1:
+            mean.div_(m)
 
 
 class _Timeline:

@@ -49,6 +49,7 @@ class Sync:
         self.workers, self.spin = workers, spin
         self.turns = [ctx.Semaphore(0) for _ in range(workers)]
         self.arrivals = [ctx.Semaphore(0) for _ in range(workers)]
+        self.rounds = [ctx.Semaphore(0) for _ in range(workers)]
         self.abort = ctx.Event()
         self.lock = ctx.Lock()
         self.update_lock = ctx.Lock()
@@ -92,6 +93,16 @@ class Sync:
     def pass_turn(self, w: int) -> None:
         """Let the worker after ``w`` update."""
         self.turns[(w + 1) % self.workers].release()
+
+    def release_round(self) -> None:
+        """Worker 0 has updated the model for this round: let the others on
+        (averaging with one updater)."""
+        for v in range(1, self.workers):
+            self.rounds[v].release()
+
+    def wait_round(self, w: int) -> None:
+        """Wait until worker 0 has updated the model for this round."""
+        self._acquire(self.rounds[w])
 
     def meet(self, w: int) -> None:
         """Wait until every worker has reached this point of its round."""
