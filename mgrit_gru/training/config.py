@@ -43,7 +43,8 @@ CYCLES = ("V", "F")
 COARSE_INPUTS = ("end", "mean")
 STRATEGIES = ("sequential", "mutex", "averaging", "hogwild")
 MUTEX_ORDERS = ("fixed", "arrival")
-#: Where the data-parallel workers run (``auto``: processes, threads with MGRIT or a GPU).
+#: Where the data-parallel workers run (``auto``: the training loop and the
+#: strategies choose, see ``worker_backend`` below and docs/strategies.md).
 WORKER_BACKENDS = ("auto", "process", "thread")
 PROGRESS = ("auto", "on", "off")
 DIVERGENCE = ("stop", "skip-batch")

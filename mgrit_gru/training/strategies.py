@@ -71,14 +71,16 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 
 from mgrit_gru.errors import InputError
-from mgrit_gru.training.config import MUTEX_ORDERS
+from mgrit_gru.training.config import MUTEX_ORDERS, WORKER_BACKENDS
 from mgrit_gru.training.pool import BACKENDS, WorkerPool
 from mgrit_gru.training.replicas import communicates, optimizer_step
 
 StepFn = Callable[[torch.nn.Module, Any], float]
 
-#: Worker backends accepted by :func:`make_strategy` (``auto`` chooses).
-BACKEND_CHOICES = ("auto",) + BACKENDS
+#: Worker backends accepted by :func:`make_strategy` (``auto`` chooses): the
+#: config's choices, which are ``auto`` and the pool's backends.
+BACKEND_CHOICES = WORKER_BACKENDS
+assert set(BACKEND_CHOICES) == {"auto", *BACKENDS}
 
 
 class Strategy(abc.ABC):
