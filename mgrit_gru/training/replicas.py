@@ -13,6 +13,7 @@ import copy
 from typing import Any, Sequence
 
 import torch
+from torch.optim import optimizer as _opt
 
 
 def replicate(model: torch.nn.Module, propagator: Any = None) -> torch.nn.Module:
@@ -151,8 +152,6 @@ def _plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` is exactly ``p -= lr * p.grad`` per tensor:
     a ``torch.optim.SGD`` without momentum, weight decay, maximize, the fused
     kernel or any step hook, float learning rates."""
-    from torch.optim import optimizer as _opt
-
     if type(optimizer) is not torch.optim.SGD:
         return False
     if (optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks

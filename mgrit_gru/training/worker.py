@@ -78,10 +78,11 @@ class Worker:
                 self.buffers[self.w][buffer][-1] = loss
         return loss
 
-    def step_global(self) -> None:
-        """Update the global model with the replica's gradient."""
-        for q, p in zip(self.shared, self.params):
-            q.grad = p.grad
+    def step_global(self, grads=None) -> None:
+        """Update the global model with ``grads`` (default: the replica's gradient)."""
+        for q, g in zip(self.shared, grads if grads is not None else
+                        [p.grad for p in self.params]):
+            q.grad = g
         optimizer_step(self.optimizer)
 
     # -- jobs -------------------------------------------------------------------
@@ -178,9 +179,7 @@ class Worker:
                 optimizer_step(self.private)
             elif self.w == 0:
                 self._mean_gradient(m, parity)
-                for q, g in zip(self.shared, self.mean_views):
-                    q.grad = g
-                optimizer_step(self.optimizer)
+                self.step_global(self.mean_views)
                 self.sync.release_round()
                 copy_params(self.params, self.shared)
             else:
