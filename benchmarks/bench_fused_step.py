@@ -47,6 +47,31 @@ from mgrit_gru.training.update import ShardStep, TensorSplit  # noqa: E402
 VARIANTS = ("autograd", "fused")
 
 
+def machine_info() -> dict:
+    """The CPU's model name (/proc/cpuinfo; else the platform's), cores, torch
+    version and torch threads, for a benchmark's JSON."""
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in fh
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def write_report(path: str | None, report: dict) -> None:
+    """``report`` as indented JSON at ``path`` (nothing without one)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
 def _busy() -> tuple[int, int]:
     with open("/proc/stat") as fh:
         fields = [int(v) for v in fh.readline().split()[1:]]
@@ -182,18 +207,9 @@ def main(argv=None) -> int:
         return 1
     dataset = load_dataset(args.data, max_train=args.max_train, max_test=1)
     data = TensorSplit(dataset.train, torch.float32)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads()},
+    report = {"command": command_line(), "machine": machine_info(),
               "kernels": kernels.build_info(), "batch": 32, "hidden": 80, "pooling": "mean",
               "rounds": args.rounds, "batches_per_round": args.batches, "cells": {}}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            report["machine"]["cpu"] = next(l.split(":", 1)[1].strip() for l in fh
-                                            if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     for cell in args.cells.split(","):
         report["cells"][cell] = r = bench_cell(args, cell, dataset, data)
         print(f"{cell}: autograd {r['autograd']['median_ms']:.3f} ms, fused "
@@ -202,9 +218,7 @@ def main(argv=None) -> int:
               f"{r['fused']['thread_ratio_median']:.2f}x; gil-free share "
               f"{r['gil_free_share_median']:.2f}; grad err {r['max_rel_grad_error']:.1e}",
               flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return 0
 
 

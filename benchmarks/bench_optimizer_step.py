@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +27,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_fused_step import command_line, machine_info, write_report  # noqa: E402
 from mgrit_gru.core.comm import Comm  # noqa: E402
 from mgrit_gru.data import batch_indices, load_dataset  # noqa: E402
 from mgrit_gru.training import strategies  # noqa: E402
@@ -132,9 +131,7 @@ def main(argv=None) -> int:
             medians[name].append(statistics.median(times[name]) * 1e6)
         print(f"round {r}: " + "  ".join(f"{n} {medians[n][-1]:.0f} us" for n in runs),
               flush=True)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": {"cpu": platform.processor() or platform.machine(),
-                          "cores": os.cpu_count(), "torch": torch.__version__},
+    report = {"command": command_line(), "machine": machine_info(),
               "cell": args.cell, "hidden": 80, "batch": 32, "rounds": args.rounds,
               "batches_per_round": args.batches,
               "step_us_median": {n: statistics.median(v) for n, v in medians.items()},
@@ -144,19 +141,11 @@ def main(argv=None) -> int:
             report["fused_vs_loop_max_param_diff"][fused] = max(
                 float((a.detach() - b.detach()).abs().max())
                 for a, b in zip(runs[fused][0].parameters(), runs[loop][0].parameters()))
-    try:
-        with open("/proc/cpuinfo") as fh:
-            report["machine"]["cpu"] = next(line.split(":", 1)[1].strip() for line in fh
-                                            if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     if args.epoch_ab:
         report["epoch_ab"] = epoch_ab(args, args.epoch_ab.split(","))
     print("medians (us):", {n: round(v) for n, v in report["step_us_median"].items()})
     print("fused vs loop:", report["fused_vs_loop_max_param_diff"])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return 0
 
 
